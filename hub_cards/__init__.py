@@ -1,0 +1,1 @@
+"""Hub model and dataset card templates."""

@@ -1,0 +1,1 @@
+"""PerceptionGPT: boxes and masks from a `<vis>` token, as a transformers plugin."""

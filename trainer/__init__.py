@@ -1,0 +1,1 @@
+"""Training side of PerceptionGPT: Trainer subclass, PEFT recipe, generation-based evaluation, CLI."""
