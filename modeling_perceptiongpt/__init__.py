@@ -1,1 +1,35 @@
-"""PerceptionGPT: boxes and masks from a `<vis>` token, as a transformers plugin."""
+"""PerceptionGPT: boxes and masks from a `<vis>` token, as a transformers plugin.
+
+Importing the package registers the Auto classes. The trainer is imported lazily (it pulls in peft/accelerate).
+"""
+
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionGPTConfig
+from .conversion_perceptiongpt import from_llava
+from .generation_perceptiongpt import PerceptionGPTBeamGenerateOutput, PerceptionGPTGenerateOutput
+from .modeling_perceptiongpt import (
+    PerceptionGPTCausalLMOutput,
+    PerceptionGPTForConditionalGeneration,
+    PerceptionGPTModel,
+    PerceptionGPTPreTrainedModel,
+)
+
+AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_ok=True)
+AutoModelForImageTextToText.register(PerceptionGPTConfig, PerceptionGPTForConditionalGeneration, exist_ok=True)
+# save_pretrained copies the code and writes `auto_map`, so saved folders load with trust_remote_code=True
+PerceptionGPTConfig.register_for_auto_class()
+PerceptionGPTForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "BoxHeadConfig",
+    "MaskHeadConfig",
+    "PerceptionGPTBeamGenerateOutput",
+    "PerceptionGPTCausalLMOutput",
+    "PerceptionGPTConfig",
+    "PerceptionGPTForConditionalGeneration",
+    "PerceptionGPTGenerateOutput",
+    "PerceptionGPTModel",
+    "PerceptionGPTPreTrainedModel",
+    "from_llava",
+]

@@ -1,0 +1,215 @@
+"""PerceptionGPT configuration: a LLaVA composite config plus typed head sub-configs.
+
+Every number the heads and losses use is a field here. Presets (`tiny`, `demo`, `paper`) are built by
+`PerceptionGPTConfig.from_preset`. Coordinates inside the model are normalized xyxy in [0, 1].
+"""
+
+import math
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.models.llava.configuration_llava import LlavaConfig
+
+
+# Ids shared with the offline tokenizer factory (processing/tokenization_factory.py) for the tiny/demo presets.
+SPECIAL_TOKEN_IDS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 4, "<vis>": 5}
+
+
+def _check_positive(config, *names):
+    for name in names:
+        value = getattr(config, name)
+        if value <= 0:
+            raise ValueError(f"`{name}` must be > 0, got {value}.")
+
+
+@strict
+class BoxHeadConfig(PreTrainedConfig):
+    """Box encoder (normalized xyxy -> hidden) and box decoder (hidden -> normalized xyxy)."""
+
+    model_type = "perceptiongpt_box_head"
+    base_config_key = "box_head_config"
+
+    hidden_size: int = 512  # width of the encoder/decoder MLPs (paper: 512)
+    num_layers: int = 3  # Linear layers per MLP (paper: 3)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _check_positive(self, "hidden_size", "num_layers")
+
+
+@strict
+class MaskHeadConfig(PreTrainedConfig):
+    """SAM-like mask decoder and the conv mask encoder for prompt masks."""
+
+    model_type = "perceptiongpt_mask_head"
+    base_config_key = "mask_head_config"
+
+    hidden_size: int = 1024  # two-way transformer width (paper: 1024)
+    num_hidden_layers: int = 2  # two-way blocks (paper: 2)
+    num_attention_heads: int = 8
+    mlp_dim: int = 2048
+    attention_downsample_rate: int = 2
+    hidden_act: str = "relu"
+    layer_norm_eps: float = 1e-6
+    num_upsample_layers: int = 3  # each doubles the patch grid (paper: 3, 28 -> 224)
+    upsample_channels: int = 128  # channels of the upscaled map and of the hypernetwork output
+    mask_size: int = 256  # side of the square mask frame (supervision and output; paper: 256)
+    encoder_channels: int = 64  # mask encoder width (paper's ResNet encoder: 32 -> 64)
+    encoder_num_layers: int = 4  # stride-2 conv stages of the mask encoder
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _check_positive(
+            self, "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_dim", "attention_downsample_rate",
+            "upsample_channels", "mask_size", "encoder_channels", "encoder_num_layers",
+        )  # fmt: skip
+        if self.num_upsample_layers < 0:
+            raise ValueError(f"`num_upsample_layers` must be >= 0, got {self.num_upsample_layers}.")
+        inner = self.hidden_size // self.attention_downsample_rate
+        if inner % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size // attention_downsample_rate` ({inner}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+
+
+@strict
+class PerceptionGPTConfig(LlavaConfig):
+    """LLaVA composite config (vision_config, text_config, projector) plus the perception heads.
+
+    Args (beyond LlavaConfig):
+        vis_token_id: id of the `<vis>` token; one per object.
+        box_head_config / mask_head_config: the head sub-configs.
+        vision_fusion_layers: ViT hidden-state indices (0 = embeddings) mixed by learned softmax weights; None means
+            every hidden state but the last, as in the paper.
+        fuse_llm_features: also feed the fused mix (instead of `vision_feature_layer`) to the LLM path (paper: on).
+        region_embedding_mode: how a `<vis>` input embedding carries its region: "replace" it (paper) or "add" to it.
+        *_weight: loss weights; the total is lm + l1 + giou + dice + bce, each times its weight.
+    """
+
+    model_type = "perceptiongpt"
+    sub_configs_defaults = {
+        **LlavaConfig.sub_configs_defaults,
+        "box_head_config": SubConfigSpec(config_class=BoxHeadConfig),
+        "mask_head_config": SubConfigSpec(config_class=MaskHeadConfig),
+    }
+
+    box_head_config: dict | PreTrainedConfig | None = None
+    mask_head_config: dict | PreTrainedConfig | None = None
+    vis_token_id: int = 32002
+    vision_fusion_layers: list[int] | None = None
+    fuse_llm_features: bool = False
+    region_embedding_mode: Literal["replace", "add"] = "replace"
+    lm_loss_weight: float = 1.0
+    box_l1_weight: float = 1.0
+    box_giou_weight: float = 1.0
+    mask_dice_weight: float = 1.0
+    mask_bce_weight: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        num_hidden_states = self.vision_config.num_hidden_layers + 1  # embeddings + every layer
+        if self.vision_fusion_layers is None:
+            self.vision_fusion_layers = list(range(num_hidden_states - 1))
+        if not self.vision_fusion_layers:
+            raise ValueError("`vision_fusion_layers` must name at least one ViT layer, got [].")
+        bad = [i for i in self.vision_fusion_layers if not -num_hidden_states <= i < num_hidden_states]
+        if bad:
+            raise ValueError(
+                f"`vision_fusion_layers` must index the {num_hidden_states} ViT hidden states, got out-of-range {bad}."
+            )
+        for name in ("lm_loss_weight", "box_l1_weight", "box_giou_weight", "mask_dice_weight", "mask_bce_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")
+        vocab = self.text_config.vocab_size
+        for name in ("vis_token_id", "image_token_id"):
+            if not 0 <= getattr(self, name) < vocab:
+                raise ValueError(f"`{name}` must be in [0, {vocab}) (text_config.vocab_size), got {getattr(self, name)}.")
+        if self.vis_token_id == self.image_token_id:
+            raise ValueError(f"`vis_token_id` and `image_token_id` must differ, both are {self.vis_token_id}.")
+
+    @property
+    def patch_grid_size(self) -> int:
+        """Side of the ViT patch grid that the mask decoder reads."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.patch_grid_size**2 + (self.vision_feature_select_strategy == "full")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "PerceptionGPTConfig":
+        """Build a preset: `tiny` (unit tests), `demo` (CPU demo) or `paper` (the paper's heads, LLaVA-1.5-7B layout).
+
+        `overrides` replace top-level fields (e.g. `vocab_size` of the text config via `text_config={...}`).
+        """
+        if name not in _PRESETS:
+            raise ValueError(f"`name` must be one of {sorted(_PRESETS)}, got {name!r}.")
+        kwargs = {key: (dict(value) if isinstance(value, dict) else value) for key, value in _PRESETS[name].items()}
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+                kwargs[key] = {**kwargs[key], **value}
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _small_preset(image_size, patch_size, vision_hidden, vision_layers, text_hidden, text_layers, heads, box, mask):
+    grid = image_size // patch_size
+    return {
+        "vision_config": {
+            "model_type": "clip_vision_model", "image_size": image_size, "patch_size": patch_size,
+            "hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden, "num_hidden_layers": vision_layers,
+            "num_attention_heads": heads, "projection_dim": vision_hidden,
+        },
+        "text_config": {
+            "model_type": "llama", "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden,
+            "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "vocab_size": 262, "max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        "image_token_id": SPECIAL_TOKEN_IDS["<image>"],
+        "vis_token_id": SPECIAL_TOKEN_IDS["<vis>"],
+        "image_seq_length": grid * grid,
+        "vision_feature_layer": -1,
+        "box_head_config": box,
+        "mask_head_config": mask,
+    }  # fmt: skip
+
+
+_PRESETS = {
+    # Seconds on CPU: 16 px images, 4x4 patch grid, 2-layer towers. Vocab = byte-level tokenizer (256 + 6 specials).
+    "tiny": _small_preset(
+        16, 4, 32, 2, 32, 2, 2,
+        box={"hidden_size": 32, "num_layers": 3},
+        mask={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "mlp_dim": 64,
+              "num_upsample_layers": 2, "upsample_channels": 8, "mask_size": 16, "encoder_channels": 8,
+              "encoder_num_layers": 2},
+    ),  # fmt: skip
+    # Learns grounding on 2 CPU cores in minutes: 48 px images, 6x6 patches. The demo sets vocab_size from its tokenizer.
+    "demo": _small_preset(
+        48, 8, 96, 4, 128, 4, 4,
+        box={"hidden_size": 128, "num_layers": 3},
+        mask={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "mlp_dim": 128,
+              "num_upsample_layers": 2, "upsample_channels": 16, "mask_size": 24, "encoder_channels": 16,
+              "encoder_num_layers": 3},
+    ),  # fmt: skip
+    # The paper's heads and loss weights on the llava-hf/llava-1.5-7b-hf layout (CLIP-L/14-336, 2-layer projector,
+    # Vicuna-7B). Deviations from the paper's LLaVA-v1 base are listed in the README.
+    "paper": {
+        "text_config": {"model_type": "llama", "vocab_size": 32064, "pad_token_id": 32001},
+        "image_token_id": 32000,
+        "vis_token_id": 32002,
+        "image_seq_length": 576,
+        "fuse_llm_features": True,
+        "region_embedding_mode": "replace",
+        "box_head_config": {"hidden_size": 512, "num_layers": 3},
+        "mask_head_config": {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 8, "mlp_dim": 2048,
+                             "num_upsample_layers": 3, "upsample_channels": 128, "mask_size": 256},
+    },  # fmt: skip
+}
+
+
+__all__ = ["BoxHeadConfig", "MaskHeadConfig", "PerceptionGPTConfig", "SPECIAL_TOKEN_IDS"]

@@ -1,0 +1,63 @@
+"""Turn any LLaVA checkpoint into a PerceptionGPT, keeping every pretrained tensor bit-identical."""
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from .configuration_perceptiongpt import PerceptionGPTConfig
+from .modeling_perceptiongpt import PerceptionGPTForConditionalGeneration
+
+
+def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **config_overrides):
+    """Build a PerceptionGPT from a `LlavaForConditionalGeneration` (or a path / repo id loadable as one).
+
+    Args:
+        llava_model_or_path: the LLaVA model, or anything `LlavaForConditionalGeneration.from_pretrained` takes.
+        tokenizer: optional tokenizer (or processor with `.tokenizer`). `vis_token` is added to it in place as a named
+            special token, and its id becomes `vis_token_id`. Without one, `<vis>` takes the next free id.
+        config_overrides: PerceptionGPTConfig fields (heads, loss weights, `fuse_llm_features`, ...).
+
+    The new perception modules are freshly initialized; the embedding matrix (and an untied lm_head) grows by the
+    new rows only, initialized to the mean of the old rows.
+    """
+    llava = llava_model_or_path
+    if not isinstance(llava, LlavaForConditionalGeneration):
+        llava = LlavaForConditionalGeneration.from_pretrained(llava_model_or_path)
+    vocab_size = llava.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None:
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        tok.add_special_tokens({"additional_special_tokens": [vis_token]}, replace_extra_special_tokens=False)
+        tok.vis_token = vis_token
+        vis_token_id = tok.convert_tokens_to_ids(vis_token)
+        new_vocab_size = max(vocab_size, len(tok))
+    else:
+        vis_token_id = vocab_size
+        new_vocab_size = vocab_size + 1
+    config_dict = llava.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        config_dict.pop(key, None)
+    config_dict["text_config"]["vocab_size"] = new_vocab_size
+    config = PerceptionGPTConfig(**{**config_dict, "vis_token_id": vis_token_id, **config_overrides})
+    config._attn_implementation = llava.config._attn_implementation
+
+    state = llava.state_dict()
+    embed_key, head_key = "model.language_model.embed_tokens.weight", "lm_head.weight"
+    for key in (embed_key, head_key):
+        if key in state and state[key].shape[0] < new_vocab_size:
+            old = state[key]
+            extra = old.float().mean(0, keepdim=True).to(old.dtype).expand(new_vocab_size - old.shape[0], -1)
+            state[key] = torch.cat([old, extra])
+    with torch.device(llava.device):
+        model = PerceptionGPTForConditionalGeneration(config).to(llava.dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new_modules = ("box_encoder", "mask_encoder", "feature_fusion", "box_decoder", "mask_decoder")
+    missing = [key for key in missing if not any(name in key for name in new_modules)]
+    if missing or unexpected:
+        raise ValueError(
+            f"`llava_model_or_path` does not match the PerceptionGPT layout: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
+    model.generation_config = llava.generation_config
+    return model
+
+
+__all__ = ["from_llava"]

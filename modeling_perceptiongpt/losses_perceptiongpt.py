@@ -1,0 +1,42 @@
+"""Box and mask losses, returned as SUMS over `<vis>` targets.
+
+The caller divides each sum by the number of targets in the global batch (gradient-accumulation window x
+processes), the way `num_items_in_batch` works for tokens, so that splitting a batch never changes the gradient.
+Shapes: N = `<vis>` targets, S = mask frame side. Boxes are normalized xyxy.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .box_ops import generalized_box_xyxy_iou
+
+
+def box_l1_loss_sum(pred_boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
+    """Per-box mean absolute error over the 4 coordinates, summed over boxes: (N, 4), (N, 4) -> ()."""
+    return (pred_boxes - target_boxes).abs().mean(-1).sum()
+
+
+def box_giou_loss_sum(pred_boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
+    """Sum of 1 - GIoU, computed on xyxy (the official code wrongly read xyxy as cxcywh): (N, 4), (N, 4) -> ()."""
+    return (1 - generalized_box_xyxy_iou(pred_boxes, target_boxes)).sum()
+
+
+def mask_dice_loss_sum(mask_logits: torch.Tensor, target_masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Per-mask soft Dice loss, summed over masks (the official code pooled all masks into one Dice).
+
+    `smooth` makes an empty target with an empty prediction cost 0. (N, S, S) logits, (N, S, S) {0, 1} -> ().
+    """
+    probs = mask_logits.sigmoid().flatten(1)  # (N, S*S)
+    target = target_masks.to(probs.dtype).flatten(1)  # (N, S*S)
+    inter = (probs * target).sum(-1)  # (N,)
+    dice = (2 * inter + smooth) / (probs.sum(-1) + target.sum(-1) + smooth)  # (N,)
+    return (1 - dice).sum()
+
+
+def mask_bce_loss_sum(mask_logits: torch.Tensor, target_masks: torch.Tensor) -> torch.Tensor:
+    """Per-mask mean pixel BCE-with-logits, summed over masks: (N, S, S), (N, S, S) -> ()."""
+    bce = F.binary_cross_entropy_with_logits(mask_logits, target_masks.to(mask_logits.dtype), reduction="none")
+    return bce.flatten(1).mean(-1).sum()
+
+
+__all__ = ["box_l1_loss_sum", "box_giou_loss_sum", "mask_dice_loss_sum", "mask_bce_loss_sum"]

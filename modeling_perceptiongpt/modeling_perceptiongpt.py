@@ -1,0 +1,266 @@
+"""PerceptionGPT modeling: LLaVA plus `<vis>` region encoders and box/mask decoders.
+
+The i-th `<vis>` of a row owns slot i of `vis_boxes` (B, K, 4) / `vis_masks` (B, K, S, S) / `vis_mask_valid` (B, K),
+prompt and answer alike. Its box and mask are decoded from the final hidden state just BEFORE it (the state that
+predicts `<vis>`); its input embedding carries a region: a prompt mask through the mask encoder, otherwise a box.
+Shapes: B batch, T tokens, K slots, N selected slots, D text hidden, P patches, C ViT width, S mask side.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llava.modeling_llava import (
+    LlavaCausalLMOutputWithPast,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaPreTrainedModel,
+)
+
+from .configuration_perceptiongpt import PerceptionGPTConfig
+from .generation_perceptiongpt import PerceptionGPTGenerationMixin
+from .heads_perceptiongpt import BoxDecoder, BoxEncoder, LayerFusion, MaskEncoder
+from .losses_perceptiongpt import box_giou_loss_sum, box_l1_loss_sum, mask_bce_loss_sum, mask_dice_loss_sum
+from .mask_decoder_perceptiongpt import MaskDecoder
+from .region_inputs import check_region_inputs, image_index_per_row, vis_slot_index
+
+
+@dataclass
+class PerceptionGPTCausalLMOutput(LlavaCausalLMOutputWithPast):
+    """LLaVA's output plus the named loss parts and the decoded targets.
+
+    last_hidden_state: final-norm hidden states, sliced like the logits (only the last position in generate()).
+    pred_boxes: (N, 4) normalized xyxy decoded for the supervised `<vis>` targets with a box, in row-major order.
+    pred_masks: (N_mask, S, S) mask logits for the supervised `<vis>` targets with a mask.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    box_l1_loss: torch.FloatTensor | None = None
+    box_giou_loss: torch.FloatTensor | None = None
+    mask_dice_loss: torch.FloatTensor | None = None
+    mask_bce_loss: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+
+
+class PerceptionGPTPreTrainedModel(LlavaPreTrainedModel):
+    config: PerceptionGPTConfig
+    config_class = PerceptionGPTConfig
+
+    def _init_weights(self, module):
+        if getattr(module, "zero_init", False):  # e.g. the box decoder's output layer, as in the paper
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, LayerFusion):
+            init.zeros_(module.logits)
+        else:
+            super()._init_weights(module)
+
+
+class PerceptionGPTModel(PerceptionGPTPreTrainedModel, LlavaModel):
+    """LlavaModel with fused ViT features and region embeddings at `<vis>` inputs."""
+
+    def __init__(self, config: PerceptionGPTConfig):
+        super().__init__(config)
+        text_hidden = config.text_config.hidden_size
+        self.box_encoder = BoxEncoder(config.box_head_config, text_hidden)
+        self.mask_encoder = MaskEncoder(config.mask_head_config, text_hidden)
+        self.mask_feature_fusion = LayerFusion(config.vision_fusion_layers)
+        self.llm_feature_fusion = LayerFusion(config.vision_fusion_layers) if config.fuse_llm_features else None
+        self.post_init()  # initializes the modules added after LlavaModel's own post_init
+
+    def get_image_features(
+        self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None, **kwargs
+    ):
+        """Runs the ViT once. `pooler_output` holds the projected LLM features (one (P, D) per image, as LLaVA) and
+        `mask_features` the fused patch features (N_img, g*g, C) for the mask decoder."""
+        if image_sizes is not None:
+            raise ValueError("`image_sizes` is not supported: PerceptionGPT uses fixed-size square vision inputs.")
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        for key in ("output_hidden_states", "return_dict"):
+            kwargs.pop(key, None)
+        image_outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
+        hidden_states = image_outputs.hidden_states  # num_layers + 1 tensors (N_img, 1 + g*g, C)
+
+        def select(states):  # "default" drops CLIP's CLS token, as LLaVA does
+            return states[:, 1:] if strategy == "default" else states
+
+        grid_tokens = self.config.patch_grid_size**2
+        image_outputs.mask_features = self.mask_feature_fusion([h[:, -grid_tokens:] for h in hidden_states])
+        if self.llm_feature_fusion is not None:
+            selected = self.llm_feature_fusion([select(h) for h in hidden_states])
+        elif isinstance(layer, int):
+            selected = select(hidden_states[layer])
+        else:
+            selected = torch.cat([select(hidden_states[i]) for i in layer], dim=-1)
+        image_outputs.pooler_output = list(self.multi_modal_projector(selected))  # N_img x (P, D)
+        return image_outputs
+
+    def embed_regions(self, input_ids, inputs_embeds, vis_boxes, vis_masks, vis_mask_valid, vis_is_target):
+        """Writes each `<vis>` slot's region into its input embedding: a prompt mask through the mask encoder, else a
+        finite box through the box encoder; NaN slots keep the plain `<vis>` embedding."""
+        vis = input_ids == self.config.vis_token_id  # (B, T)
+        if not vis.any():
+            return inputs_embeds
+        rows, cols = vis.nonzero(as_tuple=True)  # (M,)
+        slots = vis_slot_index(input_ids, self.config.vis_token_id)[rows, cols]  # (M,)
+        region = inputs_embeds.new_zeros(len(rows), inputs_embeds.shape[-1])  # (M, D)
+        use_mask = torch.zeros_like(rows, dtype=torch.bool)  # (M,)
+        if vis_masks is not None:
+            known = slots < vis_masks.shape[1]
+            use_mask[known] = vis_mask_valid.to(rows.device)[rows[known], slots[known]]
+            if vis_is_target is not None:  # answer masks are never fed back
+                use_mask &= ~vis_is_target[rows, cols]
+            if use_mask.any():
+                masks = vis_masks.to(rows.device)[rows[use_mask], slots[use_mask]]  # (M_mask, S, S)
+                region[use_mask] = self.mask_encoder(masks).to(region)
+        use_box = torch.zeros_like(use_mask)
+        if vis_boxes is not None:
+            known = slots < vis_boxes.shape[1]
+            boxes = inputs_embeds.new_full((len(rows), 4), float("nan"), dtype=torch.float32)  # (M, 4)
+            boxes[known] = vis_boxes.to(boxes)[rows[known], slots[known]]
+            use_box = torch.isfinite(boxes).all(-1) & ~use_mask
+            if use_box.any():
+                region[use_box] = self.box_encoder(boxes[use_box].to(inputs_embeds.dtype)).to(region)
+        has = use_mask | use_box
+        if self.config.region_embedding_mode == "add":
+            region = region + inputs_embeds[rows, cols]
+        return inputs_embeds.index_put((rows[has], cols[has]), region[has])
+
+    def forward(
+        self, input_ids=None, inputs_embeds=None, vis_boxes=None, vis_masks=None, vis_mask_valid=None,
+        vis_is_target=None, **kwargs,
+    ):  # fmt: skip
+        """LlavaModel.forward plus region embeddings. `vis_is_target` (B, T) bool marks supervised answer `<vis>`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if vis_boxes is not None or vis_masks is not None:
+                inputs_embeds = self.embed_regions(
+                    input_ids, inputs_embeds, vis_boxes, vis_masks, vis_mask_valid, vis_is_target
+                )
+        elif vis_boxes is not None or vis_masks is not None:
+            raise ValueError("`vis_boxes`/`vis_masks` need `input_ids` to locate the `<vis>` tokens.")
+        # `<image>` placeholders are then found by embedding equality, as LLaVA does for `inputs_embeds`.
+        return super().forward(input_ids=None, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class PerceptionGPTForConditionalGeneration(
+    PerceptionGPTGenerationMixin, PerceptionGPTPreTrainedModel, LlavaForConditionalGeneration
+):
+    def __init__(self, config: PerceptionGPTConfig):
+        # Skip LlavaForConditionalGeneration.__init__, which would build a plain LlavaModel.
+        super(LlavaForConditionalGeneration, self).__init__(config)
+        self.model = PerceptionGPTModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        vision = config.vision_config
+        self.box_decoder = BoxDecoder(config.box_head_config, config.text_config.hidden_size)
+        self.mask_decoder = MaskDecoder(
+            config.mask_head_config, config.text_config.hidden_size, vision.hidden_size, config.patch_grid_size
+        )
+        self.post_init()
+
+    def decode_regions(self, hidden, mask_features=None):
+        """hidden (N, D) states that predict `<vis>` -> boxes (N, 4) normalized xyxy, mask logits (N, S, S) or None.
+        `mask_features` (N, g*g, C) are the fused patches of each state's image (None: no image, no mask)."""
+        boxes = self.box_decoder(hidden)
+        masks = None
+        if mask_features is not None and len(hidden):
+            masks = self.mask_decoder(hidden, mask_features)
+        return boxes, masks
+
+    def forward(
+        self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
+        inputs_embeds=None, labels=None, logits_to_keep=0, mm_encoder_outputs=None, vis_boxes=None, vis_masks=None,
+        vis_mask_valid=None, num_vis_in_batch=None, num_masks_in_batch=None, **kwargs,
+    ):  # fmt: skip
+        """LLaVA forward with regions in and named losses out.
+
+        vis_boxes (B, K, 4) normalized xyxy, NaN = absent; vis_masks (B, K, S, S) bool with vis_mask_valid (B, K).
+        num_vis_in_batch / num_masks_in_batch: box / mask targets in the GLOBAL batch (GA window x processes); box and
+        mask losses are sums over local targets divided by them, so batch splits give the same gradients. Default:
+        the local counts.
+        """
+        check_region_inputs(self.config, input_ids, vis_boxes, vis_masks, vis_mask_valid)
+        vis_is_target = None
+        if labels is not None:
+            vis_is_target = labels == self.config.vis_token_id  # (B, T)
+            vis_is_target[:, 0] = False  # nothing predicts position 0
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs, vis_boxes=vis_boxes,
+            vis_masks=vis_masks, vis_mask_valid=vis_mask_valid, vis_is_target=vis_is_target, **kwargs,
+        )  # fmt: skip
+        hidden = outputs.last_hidden_state  # (B, T, D)
+        kept_hidden = slice_logits_to_keep(hidden, logits_to_keep)
+        logits = self.lm_head(kept_hidden)
+        result = PerceptionGPTCausalLMOutput(
+            logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs, last_hidden_state=kept_hidden,
+        )  # fmt: skip
+        if labels is None:
+            return result
+        result.lm_loss = self.loss_function(
+            logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+        )
+        self._perception_losses(result, hidden, input_ids, vis_is_target, vis_boxes, vis_masks, vis_mask_valid,
+                                num_vis_in_batch, num_masks_in_batch)  # fmt: skip
+        config = self.config
+        result.loss = (
+            config.lm_loss_weight * result.lm_loss
+            + config.box_l1_weight * result.box_l1_loss
+            + config.box_giou_weight * result.box_giou_loss
+            + config.mask_dice_weight * result.mask_dice_loss
+            + config.mask_bce_weight * result.mask_bce_loss
+        )
+        return result
+
+    def _perception_losses(
+        self, result, hidden, input_ids, vis_is_target, vis_boxes, vis_masks, vis_mask_valid, num_vis, num_masks
+    ):
+        """Fills the box and mask losses of `result` from the states that predict each target `<vis>`."""
+        zero = hidden.sum() * 0.0  # keeps the graph connected when a batch has no targets
+        result.box_l1_loss = result.box_giou_loss = result.mask_dice_loss = result.mask_bce_loss = zero
+        if input_ids is None or vis_boxes is None or not vis_is_target.any():
+            return
+        rows, cols = vis_is_target.nonzero(as_tuple=True)  # (N,)
+        slots = vis_slot_index(input_ids, self.config.vis_token_id)[rows, cols]  # (N,)
+        in_range = slots < vis_boxes.shape[1]
+        rows, cols, slots = rows[in_range], cols[in_range], slots[in_range]
+        states = hidden[rows, cols - 1]  # (N, D): the states that predict each `<vis>`
+        gt_boxes = vis_boxes.to(hidden.device)[rows, slots].float()  # (N, 4)
+        has_box = torch.isfinite(gt_boxes).all(-1)  # (N,)
+        pred_boxes = self.box_decoder(states[has_box])  # (N_box, 4)
+        num_vis = has_box.sum() if num_vis is None else num_vis
+        denom = torch.as_tensor(num_vis, device=hidden.device, dtype=torch.float32).clamp(min=1)
+        result.box_l1_loss = box_l1_loss_sum(pred_boxes, gt_boxes[has_box]) / denom
+        result.box_giou_loss = box_giou_loss_sum(pred_boxes, gt_boxes[has_box]) / denom
+        result.pred_boxes = pred_boxes
+        image_outputs = result.image_outputs
+        if vis_masks is None or image_outputs is None:
+            return
+        image_idx = image_index_per_row(input_ids, self.config.image_token_id, self.config.num_image_tokens)[rows]
+        has_mask = vis_mask_valid.to(hidden.device)[rows, slots] & (image_idx >= 0)  # (N,)
+        if not has_mask.any():
+            return
+        features = image_outputs.mask_features[image_idx[has_mask]]  # (N_mask, g*g, C)
+        pred_masks = self.mask_decoder(states[has_mask], features)  # (N_mask, S, S)
+        gt_masks = vis_masks.to(hidden.device)[rows[has_mask], slots[has_mask]]  # (N_mask, S, S)
+        num_masks = has_mask.sum() if num_masks is None else num_masks
+        denom = torch.as_tensor(num_masks, device=hidden.device, dtype=torch.float32).clamp(min=1)
+        result.mask_dice_loss = mask_dice_loss_sum(pred_masks, gt_masks) / denom
+        result.mask_bce_loss = mask_bce_loss_sum(pred_masks, gt_masks) / denom
+        result.pred_masks = pred_masks
+
+
+__all__ = [
+    "PerceptionGPTCausalLMOutput",
+    "PerceptionGPTForConditionalGeneration",
+    "PerceptionGPTModel",
+    "PerceptionGPTPreTrainedModel",
+]

@@ -1,0 +1,81 @@
+"""Indexing and validation of the batch-first region tensors (`vis_boxes`, `vis_masks`, `vis_mask_valid`).
+
+Shapes: B rows, T tokens, K slots, S mask side. Boxes are normalized xyxy in [0, 1]; NaN marks an absent slot.
+"""
+
+import torch
+
+
+def vis_slot_index(input_ids: torch.Tensor, vis_token_id: int) -> torch.Tensor:
+    """(B, T) -> (B, T): at each `<vis>`, its slot (0 for the row's first `<vis>`, 1 for the second, ...)."""
+    return (input_ids == vis_token_id).long().cumsum(-1) - 1
+
+
+def image_index_per_row(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
+    """(B, T) -> (B,): index into the batch's images of each row's first image, -1 for rows without one.
+
+    Images are numbered in row order, as LLaVA scatters them into the `<image>` placeholders.
+    """
+    images_per_row = (input_ids == image_token_id).sum(-1) // tokens_per_image  # (B,)
+    first = images_per_row.cumsum(0) - images_per_row  # (B,)
+    return torch.where(images_per_row > 0, first, torch.full_like(first, -1))
+
+
+def check_region_inputs(config, input_ids, vis_boxes, vis_masks, vis_mask_valid) -> None:
+    """Raises a ValueError/TypeError naming the argument, the expected and the actual value."""
+    if vis_boxes is not None:
+        _check_boxes(config, input_ids, vis_boxes)
+    if vis_masks is None:
+        if vis_mask_valid is not None:
+            raise ValueError("`vis_mask_valid` was given without `vis_masks`.")
+        return
+    if not isinstance(vis_masks, torch.Tensor):
+        raise TypeError(f"`vis_masks` must be a torch.Tensor, got {type(vis_masks).__name__}.")
+    side = config.mask_head_config.mask_size
+    if vis_masks.dim() != 4 or tuple(vis_masks.shape[-2:]) != (side, side):
+        raise ValueError(f"`vis_masks` must have shape (B, K, {side}, {side}), got {tuple(vis_masks.shape)}.")
+    if vis_mask_valid is None or tuple(vis_mask_valid.shape) != tuple(vis_masks.shape[:2]):
+        got = None if vis_mask_valid is None else tuple(vis_mask_valid.shape)
+        raise ValueError(f"`vis_mask_valid` must have shape {tuple(vis_masks.shape[:2])} (B, K), got {got}.")
+    if input_ids is not None:
+        _check_slot_counts(config, input_ids, vis_mask_valid.bool(), "vis_masks")
+
+
+def _check_boxes(config, input_ids, vis_boxes) -> None:
+    if not isinstance(vis_boxes, torch.Tensor):
+        raise TypeError(f"`vis_boxes` must be a torch.Tensor, got {type(vis_boxes).__name__}.")
+    if vis_boxes.dim() != 3 or vis_boxes.shape[-1] != 4:
+        raise ValueError(f"`vis_boxes` must have shape (B, K, 4), got {tuple(vis_boxes.shape)}.")
+    if input_ids is not None and vis_boxes.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"`vis_boxes` must have one row per `input_ids` row ({input_ids.shape[0]}), got {vis_boxes.shape[0]}."
+        )
+    nan = torch.isnan(vis_boxes)
+    given = ~nan.all(-1)  # (B, K)
+    if (nan.any(-1) & given).any():
+        raise ValueError("`vis_boxes` has a partly-NaN box: a slot must be all NaN (absent) or a full xyxy box.")
+    boxes = vis_boxes[given]  # (N, 4)
+    bad = ~torch.isfinite(boxes).all(-1) | (boxes < 0).any(-1) | (boxes > 1).any(-1)
+    bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if bad.any():
+        raise ValueError(
+            "`vis_boxes` must be normalized xyxy boxes with 0 <= x1 <= x2 <= 1 and 0 <= y1 <= y2 <= 1, got "
+            f"{boxes[bad][0].tolist()}."
+        )
+    if input_ids is not None:
+        _check_slot_counts(config, input_ids, given, "vis_boxes")
+
+
+def _check_slot_counts(config, input_ids, given, name) -> None:
+    num_vis = (input_ids == config.vis_token_id).sum(-1)  # (B,)
+    slot = torch.arange(given.shape[1], device=given.device)[None]  # (1, K)
+    extra = given & (slot >= num_vis.to(given.device)[:, None])  # (B, K)
+    if extra.any():
+        row = int(extra.any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"`{name}` row {row} has {int(given[row].sum())} regions (up to slot {int(given[row].nonzero().max())}) "
+            f"but only {int(num_vis[row])} `<vis>` tokens."
+        )
+
+
+__all__ = ["check_region_inputs", "image_index_per_row", "vis_slot_index"]
