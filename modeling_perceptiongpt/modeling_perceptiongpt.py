@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import is_flash_attn_2_available
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
@@ -46,9 +47,27 @@ class PerceptionGPTCausalLMOutput(LlavaCausalLMOutputWithPast):
     pred_masks: torch.FloatTensor | None = None
 
 
+def preferred_attn_implementation(dtype=None) -> str:
+    """FlashAttention-2 when flash-attn imports, CUDA is present and the dtype is half precision; else sdpa, which
+    has its own FlashAttention backend on CUDA."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and torch.cuda.is_available() and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
 class PerceptionGPTPreTrainedModel(LlavaPreTrainedModel):
     config: PerceptionGPTConfig
     config_class = PerceptionGPTConfig
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, defaulting `attn_implementation` to `preferred_attn_implementation`."""
+        if kwargs.get("attn_implementation") is None:
+            kwargs["attn_implementation"] = preferred_attn_implementation(kwargs.get("dtype"))
+        return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module):
         if getattr(module, "zero_init", False):  # e.g. the box decoder's output layer, as in the paper
@@ -259,6 +278,7 @@ class PerceptionGPTForConditionalGeneration(
 
 
 __all__ = [
+    "preferred_attn_implementation",
     "PerceptionGPTCausalLMOutput",
     "PerceptionGPTForConditionalGeneration",
     "PerceptionGPTModel",

@@ -1,0 +1,176 @@
+"""generate(): every recorded box/score must equal a teacher-forced pass over the final sequences."""
+
+import pytest
+import torch
+from conftest import IMAGE, VIS, make_batch
+
+NAN = float("nan")
+PROMPT = 24
+
+
+def _prompt(batch_size=2, image=True, pad_row1=3):
+    ids, pixels = make_batch(batch_size, PROMPT, vis_at=((21,), ()), image=image)
+    attention = torch.ones_like(ids)
+    if batch_size > 1 and pad_row1:  # left padding
+        ids[1, :pad_row1], attention[1, :pad_row1] = 0, 0
+        if image:
+            ids[1, 2:18] = 10
+            ids[1, 4:20] = IMAGE
+    boxes = torch.full((batch_size, 1, 4), NAN)
+    boxes[0, 0] = torch.tensor([0.1, 0.1, 0.5, 0.5])
+    return ids, attention, pixels, boxes
+
+
+def _generate(model, ids, attention, pixels, boxes, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    inputs = dict(input_ids=ids, attention_mask=attention, vis_boxes=boxes, max_new_tokens=8, do_sample=False)
+    if pixels is not None:
+        inputs["pixel_values"] = pixels
+    return model.generate(**{**inputs, **kwargs}, return_dict_in_generate=True)
+
+
+def _teacher_forced(model, out, ids, attention, pixels, boxes):
+    """Max |difference| of the recorded boxes, and of the scores (probabilities near 1 carry float32 rounding of the
+    cached vs full pass), against one teacher-forced forward, plus the number of boxes checked."""
+    seqs = out.sequences
+    rows, n = seqs.shape[0], seqs.shape[0] // ids.shape[0]
+    vis_boxes = torch.full((rows, int((seqs == VIS).sum(-1).max()) + 1, 4), NAN)
+    for r in range(rows):
+        vis_boxes[r, : boxes.shape[1]] = boxes[r // n]
+        first = int((seqs[r, :PROMPT] == VIS).sum())
+        vis_boxes[r, first : first + len(out.pred_boxes[r])] = out.pred_boxes[r]
+    mask = torch.cat([attention.repeat_interleave(n, 0), torch.ones(rows, seqs.shape[1] - PROMPT, dtype=torch.long)], 1)
+    kwargs = {} if pixels is None else {"pixel_values": pixels.repeat_interleave(n, 0)}
+    with torch.no_grad():
+        tf = model(input_ids=seqs, attention_mask=mask, vis_boxes=vis_boxes, **kwargs)
+    err, count = 0.0, 0
+    for r in range(rows):
+        for j, p in enumerate(out.vis_positions[r].tolist()):
+            box = model.box_decoder(tf.last_hidden_state[r, p - 1][None])[0]
+            prob = tf.logits[r, p - 1].softmax(-1)[VIS]
+            err = max(err, (box - out.pred_boxes[r][j]).abs().max().item(), abs(prob - out.vis_scores[r][j]).item() / 10)
+            count += 1
+    return err, count
+
+
+MODES = {
+    "greedy": {},
+    "greedy_no_cache": {"use_cache": False},
+    "sample": {"do_sample": True},
+    "sample_n2": {"do_sample": True, "num_return_sequences": 2},
+    "beam": {"num_beams": 3},
+    "beam_n2": {"num_beams": 3, "num_return_sequences": 2},
+    "beam_no_cache": {"num_beams": 2, "use_cache": False},
+    "static_cache": {"cache_implementation": "static"},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_recorded_boxes_match_teacher_forcing(tiny_model, mode):
+    ids, attention, pixels, boxes = _prompt()
+    out = _generate(tiny_model, ids, attention, pixels, boxes, **MODES[mode])
+    err, count = _teacher_forced(tiny_model, out, ids, attention, pixels, boxes)
+    assert count >= 2 and err < 1e-6
+    assert len(out.pred_boxes) == len(out.pred_masks) == out.sequences.shape[0]
+    for r, positions in enumerate(out.vis_positions):
+        generated = (out.sequences[r] == VIS).nonzero()[:, 0]
+        assert torch.equal(positions, generated[generated >= PROMPT])
+        assert out.pred_masks[r].shape == (len(positions), 16, 16)
+        assert (positions >= PROMPT).all()
+
+
+def test_vis_at_the_last_step_is_decoded(tiny_model):
+    """With `<vis>` the most likely token, the final step emits one; it must still get a box."""
+    ids, attention, pixels, boxes = _prompt()
+    for kwargs in ({}, {"num_beams": 2}, {"do_sample": True}):
+        out = _generate(tiny_model, ids, attention, pixels, boxes, max_new_tokens=5, **kwargs)
+        last = [r for r in range(out.sequences.shape[0]) if out.sequences[r, -1] == VIS]
+        assert last, kwargs
+        for r in last:
+            assert out.vis_positions[r][-1] == out.sequences.shape[1] - 1
+        assert _teacher_forced(tiny_model, out, ids, attention, pixels, boxes)[0] < 1e-6
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}])
+def test_padded_row_equals_row_alone_and_cache_equals_no_cache(tiny_model, kwargs):
+    ids, attention, pixels, boxes = _prompt()
+    batched = _generate(tiny_model, ids, attention, pixels, boxes, **kwargs)
+    alone = _generate(tiny_model, ids[1:, 3:], attention[1:, 3:], pixels[1:], boxes[1:], **kwargs)
+    assert torch.equal(batched.sequences[1, PROMPT:], alone.sequences[0, PROMPT - 3 :])
+    assert torch.allclose(batched.pred_boxes[1], alone.pred_boxes[0], atol=1e-6)
+    no_cache = _generate(tiny_model, ids, attention, pixels, boxes, use_cache=False, **kwargs)
+    assert torch.equal(batched.sequences, no_cache.sequences)
+    for a, b in zip(batched.pred_boxes, no_cache.pred_boxes):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_feedback_changes_logits(tiny_model):
+    """Negative control: dropping the decoded box from the `<vis>` embedding changes what follows."""
+    ids, attention, pixels, boxes = _prompt()
+    out = _generate(tiny_model, ids, attention, pixels, boxes)
+    r, p = 0, int(out.vis_positions[0][0])
+    seq = out.sequences[r : r + 1]
+    with_box = torch.full((1, 4, 4), NAN)
+    with_box[0, 0], with_box[0, 1] = boxes[0, 0], out.pred_boxes[0][0]
+    without = with_box.clone()
+    without[0, 1] = NAN
+    a = tiny_model(input_ids=seq, pixel_values=pixels[:1], vis_boxes=with_box).logits
+    b = tiny_model(input_ids=seq, pixel_values=pixels[:1], vis_boxes=without).logits
+    # before p only float noise (the box encoder runs on 2 rows vs 1); from p on the box matters
+    assert (a[0, :p] - b[0, :p]).abs().max() < 1e-4 and (a[0, p:] - b[0, p:]).abs().amax(-1).min() > 1e-3
+
+
+def test_plain_call_returns_tensor(tiny_model):
+    ids, attention, pixels, boxes = _prompt()
+    out = tiny_model.generate(input_ids=ids, attention_mask=attention, pixel_values=pixels, max_new_tokens=4)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, PROMPT + 4)
+
+
+def test_no_vis_and_text_only(tiny_model):
+    ids, attention, pixels, boxes = _prompt()
+    out = _generate(tiny_model, ids, attention, pixels, boxes, bad_words_ids=[[VIS]])
+    assert [b.shape for b in out.pred_boxes] == [(0, 4), (0, 4)]
+    assert [m.shape for m in out.pred_masks] == [(0, 16, 16), (0, 16, 16)]
+    text_ids, text_attention, _, text_boxes = _prompt(image=False)
+    out = _generate(tiny_model, text_ids, text_attention, None, text_boxes)
+    assert out.pred_masks == [None, None] and sum(len(b) for b in out.pred_boxes) > 0
+    assert _teacher_forced(tiny_model, out, text_ids, text_attention, None, text_boxes)[0] < 1e-6
+
+
+def test_image_token_is_never_sampled(tiny_model):
+    with torch.no_grad():
+        tiny_model.lm_head.weight[IMAGE] = tiny_model.model.language_model.norm.weight * 50
+    ids, attention, pixels, boxes = _prompt()
+    for kwargs in ({}, {"do_sample": True}, {"num_beams": 2}):
+        out = _generate(tiny_model, ids, attention, pixels, boxes, **kwargs)
+        assert not (out.sequences[:, PROMPT:] == IMAGE).any()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prompt_lookup_num_tokens": 2}, "prompt-lookup"),
+        ({"cache_implementation": "paged"}, "paged"),
+        ({"prefill_chunk_size": 4}, "chunked prefill"),
+    ],
+)
+def test_unsupported_modes_raise(tiny_model, kwargs, match):
+    ids, attention, pixels, boxes = _prompt()
+    with pytest.raises(ValueError, match=match):
+        _generate(tiny_model, ids, attention, pixels, boxes, **kwargs)
+
+
+def test_assisted_decoding_raises(tiny_model):
+    ids, attention, pixels, boxes = _prompt()
+    with pytest.raises(ValueError, match="assisted decoding"):
+        _generate(tiny_model, ids, attention, pixels, boxes, assistant_model=tiny_model)
+
+
+def test_peft_generate_returns_boxes(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids, attention, pixels, boxes = _prompt()
+    out = _generate(peft_model, ids, attention, pixels, boxes)
+    assert sum(len(b) for b in out.pred_boxes) >= 2
+    assert _teacher_forced(peft_model, out, ids, attention, pixels, boxes)[0] < 1e-6

@@ -1,0 +1,208 @@
+import pytest
+import torch
+from conftest import VIS, make_batch
+
+from perceptiongpt import PerceptionGPTForConditionalGeneration
+from perceptiongpt.modeling_perceptiongpt import preferred_attn_implementation
+
+NAN = float("nan")
+
+
+def _targets(ids, answer_start=19):
+    labels = ids.clone()
+    labels[:, :answer_start] = -100
+    return labels
+
+
+def _boxes():
+    boxes = torch.full((2, 2, 4), NAN)
+    boxes[0, 0] = torch.tensor([0.1, 0.1, 0.5, 0.5])
+    boxes[1, 0] = torch.tensor([0.0, 0.2, 1.0, 0.7])
+    boxes[1, 1] = torch.tensor([0.3, 0.3, 0.4, 0.9])
+    return boxes
+
+
+def _masks():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(2, 2, 16, 16, generator=g) > 0.5, torch.tensor([[True, False], [True, True]])
+
+
+def test_fresh_box_decoder_predicts_centred_box(tiny_config):
+    model = PerceptionGPTForConditionalGeneration(tiny_config)
+    boxes = model.box_decoder(torch.randn(3, tiny_config.text_config.hidden_size))
+    assert torch.equal(boxes, torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(3, 4))
+    assert torch.equal(model.model.mask_feature_fusion.logits, torch.zeros(len(tiny_config.vision_fusion_layers)))
+
+
+def test_box_decoder_orders_corners(tiny_model):
+    boxes = tiny_model.box_decoder(torch.randn(500, 32) * 10)
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert boxes.min() >= 0 and boxes.max() <= 1
+
+
+def test_named_losses_and_finite_gradients(tiny_model):
+    # slot 0 of each row is a prompt region (row 0: a mask, row 1: a box), slot 1 the answer target
+    ids, pixels = make_batch(vis_at=((20, 24), (20, 25)))
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.2, 0.0, 0.6, 0.4]], [[0.0, 0.2, 1.0, 0.7], [0.3, 0.3, 0.4, 0.9]]])
+    masks, _ = _masks()
+    valid = torch.tensor([[True, True], [False, True]])
+    tiny_model.train()
+    out = tiny_model(input_ids=ids, pixel_values=pixels, labels=_targets(ids, answer_start=22), vis_boxes=boxes,
+                     vis_masks=masks, vis_mask_valid=valid)  # fmt: skip
+    parts = [out.lm_loss, out.box_l1_loss, out.box_giou_loss, out.mask_dice_loss, out.mask_bce_loss]
+    assert all(p.dim() == 0 and torch.isfinite(p) and p > 0 for p in parts)
+    assert torch.allclose(out.loss, sum(parts))
+    assert out.pred_boxes.shape == (2, 4) and out.pred_masks.shape == (2, 16, 16)
+    out.loss.backward()
+    no_grad = {n for n, p in tiny_model.named_parameters() if p.grad is None}
+    # LLaVA reads ViT hidden states, never the post-layernorm output
+    assert no_grad == {"model.vision_tower.post_layernorm.weight", "model.vision_tower.post_layernorm.bias"}
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
+
+
+def test_loss_weights_are_applied(tiny_config):
+    tiny_config.box_l1_weight, tiny_config.lm_loss_weight, tiny_config.mask_bce_weight = 5.0, 0.5, 0.0
+    torch.manual_seed(0)
+    model = PerceptionGPTForConditionalGeneration(tiny_config)
+    ids, pixels = make_batch()
+    masks, valid = _masks()
+    out = model(input_ids=ids, pixel_values=pixels, labels=_targets(ids), vis_boxes=_boxes(), vis_masks=masks,
+                vis_mask_valid=valid)  # fmt: skip
+    expected = 0.5 * out.lm_loss + 5 * out.box_l1_loss + out.box_giou_loss + out.mask_dice_loss
+    assert torch.allclose(out.loss, expected)
+
+
+def test_global_count_averaging_splits_exactly(tiny_model):
+    """loss(batch) == loss(half 1) + loss(half 2) when every part is given the global counts."""
+    ids, pixels = make_batch()
+    masks, valid = _masks()
+    labels = _targets(ids)
+    tokens = int((labels[:, 1:] != -100).sum())
+    kwargs = dict(num_items_in_batch=tokens, num_vis_in_batch=3, num_masks_in_batch=3)
+    full = tiny_model(input_ids=ids, pixel_values=pixels, labels=labels, vis_boxes=_boxes(), vis_masks=masks,
+                      vis_mask_valid=valid, **kwargs)  # fmt: skip
+    halves = [
+        tiny_model(input_ids=ids[i : i + 1], pixel_values=pixels[i : i + 1], labels=labels[i : i + 1],
+                   vis_boxes=_boxes()[i : i + 1], vis_masks=masks[i : i + 1], vis_mask_valid=valid[i : i + 1],
+                   **kwargs)  # fmt: skip
+        for i in range(2)
+    ]
+    for name in ("loss", "lm_loss", "box_l1_loss", "box_giou_loss", "mask_dice_loss", "mask_bce_loss"):
+        assert torch.allclose(getattr(full, name), getattr(halves[0], name) + getattr(halves[1], name), atol=1e-6)
+    # and the default local count is the plain mean over targets
+    local = tiny_model(input_ids=ids, pixel_values=pixels, labels=labels, vis_boxes=_boxes())
+    assert torch.allclose(local.box_l1_loss, full.box_l1_loss, atol=1e-6)
+
+
+def test_region_embedding_changes_logits_and_modes(tiny_config):
+    ids, pixels = make_batch(vis_at=((10 + 10,), (20,)))
+    boxes = _boxes()[:, :1]
+    for mode in ("replace", "add"):
+        tiny_config.region_embedding_mode = mode
+        torch.manual_seed(0)
+        model = PerceptionGPTForConditionalGeneration(tiny_config).eval()
+        plain = model(input_ids=ids, pixel_values=pixels).logits
+        region = model(input_ids=ids, pixel_values=pixels, vis_boxes=boxes).logits
+        assert torch.equal(plain[:, :20], region[:, :20])  # causal: nothing before the `<vis>` moves
+        assert (plain[:, 20:] - region[:, 20:]).abs().amax() > 1e-4
+        embeds = model.get_input_embeddings()(ids)
+        encoded = model.model.box_encoder(boxes[:, 0])
+        expected = encoded if mode == "replace" else embeds[:, 20] + encoded
+        injected = model.model.embed_regions(ids, embeds, boxes, None, None, None)
+        assert torch.allclose(injected[:, 20], expected) and torch.equal(injected[:, :20], embeds[:, :20])
+
+
+def test_prompt_mask_goes_through_mask_encoder(tiny_model):
+    ids, pixels = make_batch(vis_at=((20,), (20,)))
+    masks, valid = _masks()
+    masks, valid = masks[:, :1], valid[:, :1]
+    embeds = tiny_model.get_input_embeddings()(ids)
+    injected = tiny_model.model.embed_regions(ids, embeds, _boxes()[:, :1], masks, valid, None)
+    assert torch.allclose(injected[:, 20], tiny_model.model.mask_encoder(masks[:, 0]))
+    # an answer `<vis>` never takes its mask: it gets its box
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    target[:, 20] = True
+    injected = tiny_model.model.embed_regions(ids, embeds, _boxes()[:, :1], masks, valid, target)
+    assert torch.allclose(injected[:, 20], tiny_model.model.box_encoder(_boxes()[:, 0]))
+
+
+@pytest.mark.parametrize(
+    "boxes, match",
+    [
+        (torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.3, 0.3]]]), r"row 0 has 2 regions .* only 1 `<vis>`"),
+        (torch.tensor([[[0.1, 0.1, 1.5, 0.5]]]), "0 <= x1 <= x2 <= 1"),
+        (torch.tensor([[[0.6, 0.1, 0.5, 0.5]]]), "0 <= x1 <= x2 <= 1"),
+        (torch.tensor([[[0.1, float("inf"), 0.5, 0.5]]]), "0 <= x1 <= x2 <= 1"),
+        (torch.tensor([[[0.1, NAN, 0.5, 0.5]]]), "partly-NaN"),
+        (torch.tensor([[0.1, 0.1, 0.5, 0.5]]), r"shape \(B, K, 4\)"),
+    ],
+)
+def test_bad_boxes_raise(tiny_model, boxes, match):
+    ids, pixels = make_batch(batch_size=1, vis_at=((20,),))
+    with pytest.raises(ValueError, match=match):
+        tiny_model(input_ids=ids, pixel_values=pixels, vis_boxes=boxes)
+
+
+def test_bad_masks_raise(tiny_model):
+    ids, pixels = make_batch(batch_size=1, vis_at=((20,),))
+    with pytest.raises(ValueError, match=r"\(B, K, 16, 16\)"):
+        tiny_model(input_ids=ids, pixel_values=pixels, vis_masks=torch.zeros(1, 1, 8, 8, dtype=torch.bool),
+                   vis_mask_valid=torch.ones(1, 1, dtype=torch.bool))  # fmt: skip
+    with pytest.raises(ValueError, match="vis_mask_valid"):
+        tiny_model(input_ids=ids, pixel_values=pixels, vis_masks=torch.zeros(1, 1, 16, 16, dtype=torch.bool))
+    with pytest.raises(TypeError, match="vis_boxes"):
+        tiny_model(input_ids=ids, pixel_values=pixels, vis_boxes=[[0.1, 0.1, 0.2, 0.2]])
+
+
+def test_degenerate_predictions_are_fine(tiny_model):
+    ids, pixels = make_batch(batch_size=1, vis_at=((20,),))
+    labels = _targets(ids)
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5]]])  # a point: valid input, finite loss
+    out = tiny_model(input_ids=ids, pixel_values=pixels, labels=labels, vis_boxes=boxes)
+    assert torch.isfinite(out.loss)
+
+
+def test_save_load_identical_logits(tiny_model, tmp_path):
+    ids, pixels = make_batch()
+    tiny_model.save_pretrained(tmp_path)
+    loaded = PerceptionGPTForConditionalGeneration.from_pretrained(tmp_path).eval()
+    a = tiny_model(input_ids=ids, pixel_values=pixels, vis_boxes=_boxes()).logits
+    b = loaded(input_ids=ids, pixel_values=pixels, vis_boxes=_boxes()).logits
+    assert torch.equal(a, b)
+    assert loaded.config._attn_implementation == "sdpa"
+
+
+def test_fused_llm_features_change_only_with_flag(tiny_config):
+    tiny_config.fuse_llm_features = True
+    torch.manual_seed(0)
+    model = PerceptionGPTForConditionalGeneration(tiny_config).eval()
+    ids, pixels = make_batch()
+    with torch.no_grad():
+        model.model.llm_feature_fusion.logits.copy_(torch.tensor([5.0, -5.0]))
+    features = model.model.get_image_features(pixels).pooler_output
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    w = torch.tensor([5.0, -5.0]).softmax(0)
+    expected = model.model.multi_modal_projector(w[0] * hidden[0][:, 1:] + w[1] * hidden[1][:, 1:])
+    assert torch.allclose(torch.stack(features), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cuda, flash, dtype, expected",
+    [
+        (True, True, torch.bfloat16, "flash_attention_2"),
+        (True, True, "float16", "flash_attention_2"),
+        (True, True, torch.float32, "sdpa"),
+        (True, False, torch.bfloat16, "sdpa"),
+        (False, True, torch.bfloat16, "sdpa"),
+    ],
+)
+def test_attention_choice(monkeypatch, cuda, flash, dtype, expected):
+    import perceptiongpt.modeling_perceptiongpt as modeling
+
+    monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: flash)
+    assert preferred_attn_implementation(dtype) == expected
+
+
+def test_vis_token_constant():
+    assert VIS == 5
