@@ -1,0 +1,402 @@
+"""Embedded synthetic referring dataset: procedural shape scenes with guaranteed-unique referring expressions.
+
+A scene is 2-6 coloured shapes painted in order on a noise, gradient or stripes background; later shapes occlude
+earlier ones. Every object's mask is its VISIBLE part and its box the exact pixel xyxy box of that mask (a pixel
+(i, j) covers [j, j + 1] x [i, i + 1]), so boxes and masks always agree. Positions (`cx`, `cy`) are visible-box centres.
+
+A referring expression is a `_Query` (attributes plus at most one of: a rank along x / y / size, or a relation to
+a uniquely described anchor). `_resolve` evaluates it against every object of the scene and refuses ambiguity
+(objects closer than the margin); an expression is kept only if it resolves to exactly its target, and, above the
+attribute level, only if its attributes alone would not. Levels:
+- attribute: "the small red circle";
+- position (superlatives and absolute position): "the leftmost circle", "the biggest shape", "the square at the top";
+- relation: "the circle left of the blue square";
+- ordinal: "the second circle from the left".
+
+Rows follow DESIGN.md ("Data"): rec/res/reg get one `<vis>`, multi one per matching object in reading order
+(box x1, then y1), caption one per object. Masks (RLE) are given for res only; rec, reg and multi supervise
+boxes, so their masks are null. Every sample draws from its own generator seeded by (seed, split, index).
+"""
+import functools
+import math
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from .templates import build_task_messages
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 205, 35),
+    "purple": (140, 60, 190), "orange": (245, 135, 30), "cyan": (40, 200, 210), "pink": (240, 120, 185),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+BACKGROUNDS = ("noise", "gradient", "stripes")
+LEVELS = ("attribute", "position", "relation", "ordinal")
+TASKS = ("rec", "res", "reg", "multi", "caption")
+SPLITS = ("train", "validation", "test")
+
+GROUNDING_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "task": datasets.Value("string"),
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+        "boxes": datasets.List(datasets.List(datasets.Value("float64"), length=4)),  # pixel xyxy per <vis>
+        "masks": datasets.List({"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")}),
+    }
+)
+
+_ATTRIBUTE_KINDS = ("size", "colour", "shape")  # also the word order of a noun phrase
+_RELATIONS = ("left of", "right of", "above", "below")
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
+_SUPERLATIVES = {  # (axis, descending) -> templates around the noun phrase
+    ("x", False): ("the leftmost {}", "the {} on the far left"),
+    ("x", True): ("the rightmost {}", "the {} on the far right"),
+    ("y", False): ("the topmost {}", "the {} at the top"),
+    ("y", True): ("the lowest {}", "the {} at the bottom"),
+    ("size", False): ("the smallest {}",),
+    ("size", True): ("the biggest {}", "the largest {}"),
+}
+_ORDINAL_SIDES = {("x", False): "left", ("x", True): "right", ("y", False): "top", ("y", True): "bottom"}
+_NOISE_AMPLITUDE = 6  # per-pixel noise on the whole image, far below the gap between palette colours
+_MAX_PLACEMENTS = 20  # tries to place one object before dropping it
+_MAX_SCENES = 50  # fresh scenes per sample before the config is declared infeasible
+_MAX_QUERIES = 30  # expressions tried per scene
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The difficulty knob. Sizes are (name, min radius, max radius) as fractions of `image_size`."""
+
+    image_size: int = 128
+    min_objects: int = 2
+    max_objects: int = 6
+    shapes: tuple = SHAPES
+    colours: tuple = tuple(COLOURS)
+    sizes: tuple = (("small", 0.06, 0.08), ("medium", 0.105, 0.125), ("large", 0.16, 0.2))
+    backgrounds: tuple = BACKGROUNDS
+    levels: tuple = LEVELS
+    tasks: tuple = ("rec", "res", "reg", "multi")
+    min_visible: float = 0.5  # every object keeps at least this fraction of its own area visible
+    position_margin: float = 0.08  # image fraction separating ranks, relations and extremes
+    size_margin: float = 1.3  # radius ratio separating "biggest" / "smallest"
+    colour_jitter: int = 15  # per-object colour offset, below the gap between palette colours
+    vary_answer: bool = False  # paraphrase answers too (see templates.build_task_messages)
+
+    def __post_init__(self):
+        for name, allowed in (("shapes", SHAPES), ("colours", tuple(COLOURS)), ("backgrounds", BACKGROUNDS),
+                              ("levels", LEVELS), ("tasks", TASKS)):
+            values = getattr(self, name)
+            if not values or not set(values) <= set(allowed):
+                raise ValueError(f"`{name}` must be a non-empty subset of {allowed}, got {values!r}")
+        if self.image_size < 16:
+            raise ValueError(f"`image_size` must be >= 16, got {self.image_size}")
+        if not 1 <= self.min_objects <= self.max_objects <= len(_ORDINALS):
+            raise ValueError(f"`min_objects` and `max_objects` must satisfy 1 <= min <= max <= {len(_ORDINALS)}, "
+                             f"got {self.min_objects} and {self.max_objects}")
+        if not self.sizes or any(not 0 < low <= high < 0.5 for _, low, high in self.sizes):
+            raise ValueError(f"`sizes` must be (name, low, high) with 0 < low <= high < 0.5, got {self.sizes!r}")
+        if not 0 < self.min_visible <= 1:
+            raise ValueError(f"`min_visible` must be in (0, 1], got {self.min_visible}")
+
+    @classmethod
+    def demo(cls):
+        """The CPU demo: 64 px, 3-5 objects, attribute expressions only (colour, shape or size)."""
+        return cls(image_size=64, min_objects=3, max_objects=5, shapes=("circle", "square", "triangle"),
+                   colours=("red", "green", "blue", "yellow"), sizes=(("small", 0.08, 0.1), ("large", 0.15, 0.19)),
+                   backgrounds=("noise", "gradient"), levels=("attribute",), min_visible=0.7)
+
+    @classmethod
+    def hard(cls):
+        """The benchmark: 224 px, 4-6 objects, every shape, colour, background and expression level."""
+        return cls(image_size=224, min_objects=4, max_objects=6, min_visible=0.4, position_margin=0.06, tasks=TASKS)
+
+
+@dataclass(frozen=True)
+class _Object:
+    shape: str
+    colour: str
+    size: str
+    radius: float
+    box_xyxy: tuple  # visible part, pixels
+    index: int  # paint order, = the object's value in the owner map
+
+    @property
+    def centre(self):
+        return (self.box_xyxy[0] + self.box_xyxy[2]) / 2, (self.box_xyxy[1] + self.box_xyxy[3]) / 2
+
+
+@dataclass(frozen=True)
+class _Query:
+    attrs: tuple = ()  # ((kind, value), ...) in _ATTRIBUTE_KINDS order
+    rank_axis: str = ""  # "x", "y" or "size": the k-th candidate along that axis
+    descending: bool = False  # rank from the right / bottom / biggest
+    k: int = 0
+    relation: str = ""  # one of _RELATIONS
+    anchor: tuple = ()  # the anchor's attrs; it must resolve to one object
+
+
+def _rank_value(obj, axis):
+    return math.log(obj.radius) if axis == "size" else obj.centre[0 if axis == "x" else 1]
+
+
+def _relation_distance(obj, anchor, relation):
+    """Positive when `obj` is `relation` the anchor (e.g. left of), in pixels between visible-box centres."""
+    (x, y), (anchor_x, anchor_y) = obj.centre, anchor.centre
+    return {"left of": anchor_x - x, "right of": x - anchor_x, "above": anchor_y - y, "below": y - anchor_y}[relation]
+
+
+def _matching(objects, attrs):
+    return [o for o in objects if all(getattr(o, kind) == value for kind, value in attrs)]
+
+
+def _resolve(query, objects, position_margin_px, size_margin):
+    """Indices of the objects `query` refers to, or None when the scene makes it ambiguous."""
+    candidates = _matching(objects, query.attrs)
+    if query.relation:
+        anchors = _matching(objects, query.anchor)
+        if len(anchors) != 1:
+            return None
+        anchor = anchors[0]
+        distances = [(_relation_distance(o, anchor, query.relation), o) for o in candidates if o is not anchor]
+        if any(abs(d) < position_margin_px for d, _ in distances):
+            return None
+        candidates = [o for d, o in distances if d > 0]
+    if query.rank_axis:
+        margin = math.log(size_margin) if query.rank_axis == "size" else position_margin_px
+        ordered = sorted(candidates, key=lambda o: _rank_value(o, query.rank_axis), reverse=query.descending)
+        if len(ordered) < query.k:
+            return []
+        target_value = _rank_value(ordered[query.k - 1], query.rank_axis)
+        if any(abs(_rank_value(o, query.rank_axis) - target_value) < margin
+               for i, o in enumerate(ordered) if i != query.k - 1):
+            return None
+        candidates = [ordered[query.k - 1]]
+    return [o.index for o in candidates]
+
+
+def _noun_phrase(attrs, plural=False, article="the"):
+    values = dict(attrs)
+    noun = values.get("shape", "shape")
+    if plural:
+        noun += "es" if noun.endswith("s") else "s"
+    return " ".join([article, *[values[k] for k in _ATTRIBUTE_KINDS[:2] if k in values], noun]).strip()
+
+
+def _render(query, rng):
+    phrase = _noun_phrase(query.attrs, article="")
+    if query.relation:
+        return f"the {phrase} {query.relation} {_noun_phrase(query.anchor)}"
+    if query.rank_axis and query.k == 1:
+        templates = _SUPERLATIVES[(query.rank_axis, query.descending)]
+        return templates[rng.integers(len(templates))].format(phrase)
+    if query.rank_axis:
+        side = _ORDINAL_SIDES[(query.rank_axis, query.descending)]
+        return f"the {_ORDINALS[query.k - 1]} {phrase} from the {side}"
+    return f"the {phrase}"
+
+
+def _random_attrs(obj, rng, nonempty, exclude=()):
+    kinds = [k for k in _ATTRIBUTE_KINDS if k not in exclude and rng.random() < 0.5]
+    if nonempty and not kinds:
+        kinds = [rng.choice([k for k in _ATTRIBUTE_KINDS if k not in exclude])]
+    return tuple((k, getattr(obj, k)) for k in _ATTRIBUTE_KINDS if k in kinds)
+
+
+def _propose(level, target, objects, rng, config):
+    """A random candidate expression of `level` for `target`; None when the level does not apply."""
+    if level == "attribute":
+        return _Query(_random_attrs(target, rng, nonempty=True))
+    if level == "position":
+        axis = ("x", "y", "size")[rng.integers(3)]
+        exclude = ("size",) if axis == "size" else ()
+        return _Query(_random_attrs(target, rng, False, exclude), rank_axis=axis, descending=bool(rng.integers(2)), k=1)
+    if level == "ordinal":
+        attrs, axis, descending = _random_attrs(target, rng, False), ("x", "y")[rng.integers(2)], bool(rng.integers(2))
+        ordered = sorted(_matching(objects, attrs), key=lambda o: _rank_value(o, axis), reverse=descending)
+        k = ordered.index(target) + 1
+        return _Query(attrs, rank_axis=axis, descending=descending, k=k) if k > 1 else None  # k = 1: position
+    anchor = objects[rng.integers(len(objects))]
+    margin = config.position_margin * config.image_size
+    relations = [r for r in _RELATIONS if _relation_distance(target, anchor, r) >= margin]
+    if anchor is target or not relations:
+        return None
+    relation = relations[rng.integers(len(relations))]
+    return _Query(_random_attrs(target, rng, False), relation=relation, anchor=_random_attrs(anchor, rng, True))
+
+
+def _find_expression(level, objects, rng, config):
+    """(target, text) for a uniquely resolving expression of `level`, or None after _MAX_QUERIES tries."""
+    margins = (config.position_margin * config.image_size, config.size_margin)
+    for _ in range(_MAX_QUERIES):
+        target = objects[rng.integers(len(objects))]
+        query = _propose(level, target, objects, rng, config)
+        if query is None or _resolve(query, objects, *margins) != [target.index]:
+            continue
+        if level != "attribute" and len(_matching(objects, query.attrs)) == 1:
+            continue  # the rank or relation must be needed
+        return target, _render(query, rng)
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(image_size):
+    centres = np.arange(image_size, dtype=np.float32) + 0.5
+    return centres[None, :], centres[:, None]  # (1, S), (S, 1)
+
+
+def _shape_mask(shape, dx, dy, radius):
+    """Bool (S, S) mask of a shape of `radius` centred at offsets dx (1, S), dy (S, 1); it stays inside radius."""
+    ax, ay = np.abs(dx), np.abs(dy)
+    if shape == "circle":
+        return dx * dx + dy * dy <= radius * radius
+    if shape == "square":
+        return (ax <= 0.8 * radius) & (ay <= 0.8 * radius)
+    if shape == "diamond":
+        return ax + ay <= radius
+    if shape == "cross":
+        arm = 0.35 * radius
+        return ((ax <= arm) & (ay <= radius)) | ((ay <= arm) & (ax <= radius))
+    up = (dy <= 0.5 * radius) & (math.sqrt(3) * ax <= dy + radius)
+    if shape == "triangle":
+        return up
+    return up | ((dy >= -0.5 * radius) & (math.sqrt(3) * ax <= radius - dy))  # star: two triangles
+
+
+def _background(kind, size, rng):
+    """Float (S, S, 3) RGB background between two low-saturation colours, which never read as a palette colour."""
+    low, high = (rng.uniform(70, 180) + rng.uniform(-20, 20, 3) for _ in range(2))
+    xs, ys = _pixel_centres(size)
+    if kind == "noise":
+        coarse = rng.uniform(0, 255, (4, 4, 1)).astype(np.uint8)
+        weight = np.asarray(Image.fromarray(coarse[..., 0]).resize((size, size), Image.BILINEAR))[..., None] / 255.0
+    else:
+        angle = rng.uniform(0, math.pi)
+        along = (np.cos(angle) * xs + np.sin(angle) * ys)[..., None]  # (S, S, 1)
+        if kind == "gradient":
+            weight = (along - along.min()) / (along.max() - along.min())
+        else:
+            weight = (along // rng.integers(2, max(3, size // 12)) % 2).astype(np.float32)
+    return low + (high - low) * weight
+
+
+def _draw_scene(config, rng):
+    """(uint8 image (S, S, 3), owner map (S, S) int16 with -1 for background, objects) or None if crowded."""
+    size = config.image_size
+    image = _background(config.backgrounds[rng.integers(len(config.backgrounds))], size, rng)
+    owner = np.full((size, size), -1, dtype=np.int16)
+    xs, ys = _pixel_centres(size)
+    specs, full_areas = [], []
+    for _ in range(rng.integers(config.min_objects, config.max_objects + 1)):
+        shape = config.shapes[rng.integers(len(config.shapes))]
+        colour = config.colours[rng.integers(len(config.colours))]
+        size_name, low, high = config.sizes[rng.integers(len(config.sizes))]
+        radius = rng.uniform(low, high) * size
+        for _ in range(_MAX_PLACEMENTS):
+            cx, cy = rng.uniform(radius, size - radius, 2)
+            full = _shape_mask(shape, xs - cx, ys - cy, radius)
+            trial = owner.copy()
+            trial[full] = len(specs)
+            visible = np.bincount(trial.ravel() + 1, minlength=len(specs) + 2)[1:]
+            if all(visible[i] >= config.min_visible * area for i, area in enumerate(full_areas)):
+                owner = trial
+                full_areas.append(int(full.sum()))
+                specs.append((shape, colour, size_name, radius, full))
+                break
+    if len(specs) < config.min_objects:
+        return None
+    objects = []
+    for index, (shape, colour, size_name, radius, full) in enumerate(specs):
+        image[full] = np.asarray(COLOURS[colour]) + rng.integers(-config.colour_jitter, config.colour_jitter + 1, 3)
+        objects.append(_Object(shape, colour, size_name, radius, _mask_box_xyxy(owner == index), index))
+    image += rng.integers(-_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), owner, objects
+
+
+def _mask_box_xyxy(mask):
+    cols, rows = mask.any(axis=0), mask.any(axis=1)
+    x1, y1 = int(cols.argmax()), int(rows.argmax())
+    return (float(x1), float(y1), float(len(cols) - cols[::-1].argmax()), float(len(rows) - rows[::-1].argmax()))
+
+
+def _mask_rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _reading_order(objects):
+    return sorted(objects, key=lambda o: (o.box_xyxy[0], o.box_xyxy[1]))
+
+
+def _make_row(task, level, scene, rng, config):
+    """One dataset row for `task` on `scene`, or None when the scene cannot support it."""
+    _, owner, objects = scene
+    template_seed = int(rng.integers(2**31))
+    if task == "caption":
+        ordered = _reading_order(objects)
+        phrases = [_noun_phrase([(k, getattr(o, k)) for k in _ATTRIBUTE_KINDS], article="a") for o in ordered]
+        messages = build_task_messages("caption", phrases, seed=template_seed, vary_answer=config.vary_answer)
+        return messages, [o.box_xyxy for o in ordered], [None] * len(ordered)
+    if task == "multi":
+        for _ in range(_MAX_QUERIES):
+            attrs = _random_attrs(objects[rng.integers(len(objects))], rng, nonempty=False)
+            matches = _reading_order(_matching(objects, attrs))
+            if len(matches) >= 2:
+                expression = _noun_phrase(attrs, plural=True, article="")
+                messages = build_task_messages("multi", expression, n_objects=len(matches), seed=template_seed,
+                                               vary_answer=config.vary_answer)
+                return messages, [o.box_xyxy for o in matches], [None] * len(matches)
+        return None
+    found = _find_expression(level, objects, rng, config)
+    if found is None:
+        return None
+    target, expression = found
+    messages = build_task_messages(task, expression, seed=template_seed, vary_answer=config.vary_answer)
+    return messages, [target.box_xyxy], [_mask_rle(owner == target.index) if task == "res" else None]
+
+
+def generate_synthetic_samples(config=None, split="train", num_samples=1000, seed=0, start=0):
+    """Yields rows (dicts in DESIGN.md's schema, `image` a PIL image) for sample indices [start, start + num_samples).
+
+    Row i depends only on (config, seed, split, i), so any slice of a split can be rebuilt on its own.
+    """
+    config = config or SyntheticConfig()
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}")
+    for index in range(start, start + num_samples):
+        rng = np.random.default_rng([seed, SPLITS.index(split), index])
+        task = config.tasks[rng.integers(len(config.tasks))]
+        level = config.levels[rng.integers(len(config.levels))]
+        for _ in range(_MAX_SCENES):
+            scene = _draw_scene(config, rng)
+            made = scene and _make_row(task, level, scene, rng, config)
+            if made:
+                break
+        else:
+            raise RuntimeError(
+                f"No {task!r} sample at level {level!r} after {_MAX_SCENES} scenes: `config` is infeasible "
+                f"(too many or too large objects for image_size={config.image_size}, or too few attributes)"
+            )
+        messages, boxes_xyxy, masks = made
+        yield {"image": Image.fromarray(scene[0]), "task": task, "messages": messages,
+               "boxes": [list(box) for box in boxes_xyxy], "masks": masks}
+
+
+def build_synthetic_dataset(config=None, split="train", num_samples=1000, seed=0):
+    """`datasets.Dataset` of `num_samples` synthetic rows with features `GROUNDING_FEATURES`, built in memory."""
+    rows = list(generate_synthetic_samples(config, split, num_samples, seed))
+    return datasets.Dataset.from_list(rows, features=GROUNDING_FEATURES, split=datasets.NamedSplit(split))
+
+
+def build_synthetic_splits(config=None, train_size=1000, validation_size=200, test_size=200, seed=0):
+    """`datasets.DatasetDict` with train / validation / test drawn from disjoint seed streams."""
+    sizes = {"train": train_size, "validation": validation_size, "test": test_size}
+    return datasets.DatasetDict({name: build_synthetic_dataset(config, name, n, seed) for name, n in sizes.items()})
+
+
+__all__ = [
+    "BACKGROUNDS", "COLOURS", "GROUNDING_FEATURES", "LEVELS", "SHAPES", "SPLITS", "TASKS", "SyntheticConfig",
+    "build_synthetic_dataset", "build_synthetic_splits", "generate_synthetic_samples",
+]
