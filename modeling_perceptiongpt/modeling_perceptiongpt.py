@@ -25,7 +25,7 @@ from .generation_perceptiongpt import PerceptionGPTGenerationMixin
 from .heads_perceptiongpt import BoxDecoder, BoxEncoder, LayerFusion, MaskEncoder
 from .losses_perceptiongpt import box_giou_loss_sum, box_l1_loss_sum, mask_bce_loss_sum, mask_dice_loss_sum
 from .mask_decoder_perceptiongpt import MaskDecoder
-from .region_inputs import check_region_inputs, image_index_per_row, vis_slot_index
+from .region_inputs import check_region_inputs, image_index_per_row, vis_slot_index, vis_targets
 
 
 @dataclass
@@ -227,7 +227,7 @@ class PerceptionGPTForConditionalGeneration(
         result.lm_loss = self.loss_function(
             logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
         )
-        self._perception_losses(result, hidden, input_ids, vis_is_target, vis_boxes, vis_masks, vis_mask_valid,
+        self._perception_losses(result, hidden, input_ids, labels, vis_boxes, vis_masks, vis_mask_valid,
                                 num_vis_in_batch, num_masks_in_batch)  # fmt: skip
         config = self.config
         result.loss = (
@@ -240,38 +240,28 @@ class PerceptionGPTForConditionalGeneration(
         return result
 
     def _perception_losses(
-        self, result, hidden, input_ids, vis_is_target, vis_boxes, vis_masks, vis_mask_valid, num_vis, num_masks
+        self, result, hidden, input_ids, labels, vis_boxes, vis_masks, vis_mask_valid, num_vis, num_masks
     ):
         """Fills the box and mask losses of `result` from the states that predict each target `<vis>`."""
         zero = hidden.sum() * 0.0  # keeps the graph connected when a batch has no targets
         result.box_l1_loss = result.box_giou_loss = result.mask_dice_loss = result.mask_bce_loss = zero
-        if input_ids is None or vis_boxes is None or not vis_is_target.any():
+        if input_ids is None or vis_boxes is None:
             return
-        rows, cols = vis_is_target.nonzero(as_tuple=True)  # (N,)
-        slots = vis_slot_index(input_ids, self.config.vis_token_id)[rows, cols]  # (N,)
-        in_range = slots < vis_boxes.shape[1]
-        rows, cols, slots = rows[in_range], cols[in_range], slots[in_range]
-        states = hidden[rows, cols - 1]  # (N, D): the states that predict each `<vis>`
-        gt_boxes = vis_boxes.to(hidden.device)[rows, slots].float()  # (N, 4)
-        has_box = torch.isfinite(gt_boxes).all(-1)  # (N,)
+        rows, cols, slots, has_box, has_mask = vis_targets(self.config, input_ids, labels, vis_boxes, vis_mask_valid)
+        states = hidden[rows, cols - 1]  # (N, D): the states that predict each target `<vis>`
+        gt_boxes = vis_boxes.to(hidden.device)[rows[has_box], slots[has_box]].float()  # (N_box, 4)
         pred_boxes = self.box_decoder(states[has_box])  # (N_box, 4)
-        num_vis = has_box.sum() if num_vis is None else num_vis
-        denom = torch.as_tensor(num_vis, device=hidden.device, dtype=torch.float32).clamp(min=1)
-        result.box_l1_loss = box_l1_loss_sum(pred_boxes, gt_boxes[has_box]) / denom
-        result.box_giou_loss = box_giou_loss_sum(pred_boxes, gt_boxes[has_box]) / denom
+        denom = torch.as_tensor(has_box.sum() if num_vis is None else num_vis, device=hidden.device).clamp(min=1)
+        result.box_l1_loss = box_l1_loss_sum(pred_boxes, gt_boxes) / denom
+        result.box_giou_loss = box_giou_loss_sum(pred_boxes, gt_boxes) / denom
         result.pred_boxes = pred_boxes
-        image_outputs = result.image_outputs
-        if vis_masks is None or image_outputs is None:
+        if vis_masks is None or result.image_outputs is None or not has_mask.any():
             return
-        image_idx = image_index_per_row(input_ids, self.config.image_token_id, self.config.num_image_tokens)[rows]
-        has_mask = vis_mask_valid.to(hidden.device)[rows, slots] & (image_idx >= 0)  # (N,)
-        if not has_mask.any():
-            return
-        features = image_outputs.mask_features[image_idx[has_mask]]  # (N_mask, g*g, C)
+        image_idx = image_index_per_row(input_ids, self.config.image_token_id, self.config.num_image_tokens)
+        features = result.image_outputs.mask_features[image_idx[rows[has_mask]]]  # (N_mask, g*g, C)
         pred_masks = self.mask_decoder(states[has_mask], features)  # (N_mask, S, S)
         gt_masks = vis_masks.to(hidden.device)[rows[has_mask], slots[has_mask]]  # (N_mask, S, S)
-        num_masks = has_mask.sum() if num_masks is None else num_masks
-        denom = torch.as_tensor(num_masks, device=hidden.device, dtype=torch.float32).clamp(min=1)
+        denom = torch.as_tensor(has_mask.sum() if num_masks is None else num_masks, device=hidden.device).clamp(min=1)
         result.mask_dice_loss = mask_dice_loss_sum(pred_masks, gt_masks) / denom
         result.mask_bce_loss = mask_bce_loss_sum(pred_masks, gt_masks) / denom
         result.pred_masks = pred_masks

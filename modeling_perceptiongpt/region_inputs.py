@@ -21,6 +21,28 @@ def image_index_per_row(input_ids: torch.Tensor, image_token_id: int, tokens_per
     return torch.where(images_per_row > 0, first, torch.full_like(first, -1))
 
 
+def vis_targets(config, input_ids, labels, vis_boxes, vis_mask_valid=None):
+    """The supervised `<vis>` tokens (labels == `<vis>`, never position 0, which nothing predicts).
+
+    Returns rows, cols, slots (N,) and has_box, has_mask (N,) bool: a box target needs a finite slot box, a mask
+    target a valid slot mask and an image in its row. The trainer counts these over the global batch.
+    """
+    is_target = labels == config.vis_token_id  # (B, T)
+    is_target[:, 0] = False
+    rows, cols = is_target.nonzero(as_tuple=True)  # (N,)
+    slots = vis_slot_index(input_ids, config.vis_token_id)[rows, cols]  # (N,)
+    known = slots < vis_boxes.shape[1]
+    boxes = torch.full((len(rows), 4), float("nan"), device=labels.device)
+    boxes[known] = vis_boxes.to(boxes)[rows[known], slots[known]]
+    has_box = torch.isfinite(boxes).all(-1)  # (N,)
+    has_mask = torch.zeros_like(has_box)
+    if vis_mask_valid is not None:
+        known = slots < vis_mask_valid.shape[1]
+        has_mask[known] = vis_mask_valid.to(labels.device)[rows[known], slots[known]]
+        has_mask &= image_index_per_row(input_ids, config.image_token_id, config.num_image_tokens)[rows] >= 0
+    return rows, cols, slots, has_box, has_mask
+
+
 def check_region_inputs(config, input_ids, vis_boxes, vis_masks, vis_mask_valid) -> None:
     """Raises a ValueError/TypeError naming the argument, the expected and the actual value."""
     if vis_boxes is not None:
@@ -78,4 +100,4 @@ def _check_slot_counts(config, input_ids, given, name) -> None:
         )
 
 
-__all__ = ["check_region_inputs", "image_index_per_row", "vis_slot_index"]
+__all__ = ["check_region_inputs", "image_index_per_row", "vis_slot_index", "vis_targets"]
