@@ -1,0 +1,388 @@
+"""PerceptionGPT processor: LLaVA image expansion plus `<vis>` regions in, pixel boxes and masks out.
+
+Coordinates (DESIGN.md, "Coordinates"): callers give and get absolute pixel xyxy and (H, W) bool masks on the
+ORIGINAL image; the model sees normalized xyxy of the vision frame and (mask_size, mask_size) masks. The geometry is
+read from the image processor's own settings (pad-to-square, resize, center crop): exactly what the vision tower saw.
+
+Dimensions: B = input samples, K = `<vis>` slots per sample (the batch maximum), n = boxes of one row.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava.processing_llava import LlavaProcessor
+
+from .region_geometry import (
+    boxes_xyxy_from_masks,
+    boxes_xyxy_normalized_to_pixel,
+    boxes_xyxy_pixel_to_normalized,
+    geometry_from_image_processor,
+    mask_logits_frame_to_pixel,
+    mask_pixel_to_frame,
+)
+from .templates import CHAT_TEMPLATE
+
+
+RESIZE_MODES = ("pad", "resize", "center_crop")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_rgb_image(image, name: str) -> Image.Image:
+    """PIL, (H, W[, C]) numpy or (C, H, W) torch image of any common mode -> RGB PIL; 16-bit is scaled, not clipped."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+        image = np.moveaxis(image, 0, -1) if image.ndim == 3 else image  # torch images are channel-first
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
+            raise ValueError(f"`{name}` must be an (H, W) or (H, W, C) array with C in 1, 3, 4, got {image.shape}.")
+        if image.dtype == np.uint16:
+            image = (image.astype(np.float64) / 257).round().astype(np.uint8)
+        elif image.dtype == bool:
+            image = image.astype(np.uint8) * 255
+        elif np.issubdtype(image.dtype, np.floating):
+            image = (np.clip(np.nan_to_num(image), 0, 1) * 255).round().astype(np.uint8)
+        elif image.dtype != np.uint8:
+            raise TypeError(f"`{name}` must be uint8, uint16, bool or float in [0, 1], got dtype {image.dtype}.")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"`{name}` must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}.")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"`{name}` must have a positive size, got {image.width}x{image.height}.")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((np.clip(values, 0, 65535) / 257).round().astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError(f"`{name}` has PIL mode 'F' (float), which has no defined color range; convert it first.")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _flatten_images(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
+    return [images]
+
+
+def _per_sample(values, batch_size: int, name: str) -> list:
+    if values is None:
+        return [None] * batch_size
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"`{name}` must be a list with one entry per text, got {type(values).__name__}.")
+    if len(values) != batch_size:
+        raise ValueError(f"`{name}` must be a list with one entry per text ({batch_size}), got {len(values)}.")
+    return list(values)
+
+
+def _slot_list(values, n_vis: int, name: str) -> list:
+    if values is None:
+        return [None] * n_vis
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        values = list(values)  # an (n, 4) box array or an (n, H, W) mask array: one slot per row
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"`{name}` must be a list with one entry per `<vis>`, got {type(values).__name__}.")
+    if len(values) != n_vis:
+        raise ValueError(f"`{name}` has {len(values)} entries but its text has {n_vis} `<vis>` tokens.")
+    return list(values)
+
+
+def _validated_mask(mask, image_size: tuple[int, int], name: str) -> np.ndarray:
+    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"`{name}` must be an (H, W) bool array or None, got {type(mask).__name__}.")
+    if mask.shape != tuple(image_size):
+        raise ValueError(f"`{name}` must have the image's size (H, W) = {tuple(image_size)}, got shape {mask.shape}.")
+    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"`{name}` must be boolean (or 0/1), got values outside {{0, 1}} of dtype {mask.dtype}.")
+    return mask.astype(bool)
+
+
+def _validated_box(box, image_size: tuple[int, int], name: str) -> np.ndarray:
+    try:
+        box = np.asarray(box.cpu() if isinstance(box, torch.Tensor) else box, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"`{name}` must be 4 numbers [x1, y1, x2, y2], got {box!r}.") from error
+    if box.shape != (4,):
+        raise ValueError(f"`{name}` must be 4 numbers [x1, y1, x2, y2], got shape {box.shape}.")
+    if not np.isfinite(box).all():
+        raise ValueError(f"`{name}` must be finite, got {box.tolist()}.")
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"`{name}` must have x2 > x1 and y2 > y1 (pixel xyxy), got {box.tolist()}.")
+    height, width = image_size
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        raise ValueError(f"`{name}` lies entirely outside the {width}x{height} (WxH) image, got {box.tolist()}.")
+    clipped = np.clip(box, 0, [width, height, width, height])
+    if not np.array_equal(clipped, box):
+        warnings.warn(f"`{name}` = {box.tolist()} extends past the {width}x{height} image; clipped to it.")
+    return clipped
+
+
+class PerceptionGPTProcessor(LlavaProcessor):
+    r"""LLaVA processor that also turns `<vis>` regions into the model's `vis_boxes` / `vis_masks`.
+
+    Args:
+        vis_token (`str`, defaults to `"<vis>"`): the object token; the tokenizer's named `vis_token` wins.
+        mask_size (`int`, *optional*): the mask head's square resolution (the model config's mask size). Needed only
+            to pass masks.
+        Other args: as `LlavaProcessor`.
+
+    The resize mode is not an argument: it is what the image processor does (see `resize_mode`), so the box maths can
+    never disagree with the pixels.
+    """
+
+    text_kwargs = {"padding": True}  # batched prompts of different lengths just work (pad side: the tokenizer's)
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        vis_token="<vis>",
+        mask_size=None,
+        **kwargs,
+    ):
+        self.vis_token = getattr(tokenizer, "vis_token", None) or vis_token
+        self.vis_token_id = tokenizer.convert_tokens_to_ids(self.vis_token)
+        if self.vis_token_id is None or self.vis_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"`tokenizer` has no {self.vis_token!r} token; add it as a special token first.")
+        if mask_size is not None and (not isinstance(mask_size, int) or mask_size < 1):
+            raise ValueError(f"`mask_size` must be a positive int or None, got {mask_size!r}.")
+        self.mask_size = mask_size
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            **kwargs,
+        )
+        geometry_from_image_processor(self.image_processor, (1, 2))  # fail now on an unsupported image processor
+
+    @property
+    def resize_mode(self) -> str:
+        """"pad" (pad to square, then resize), "center_crop" (resize the short side, then crop) or "resize"."""
+        if getattr(self.image_processor, "do_pad", False):
+            return "pad"
+        return "center_crop" if self.image_processor.do_center_crop else "resize"
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return super().model_input_names + ["vis_boxes", "vis_masks", "vis_mask_valid"]
+
+    def image_geometry(self, image_size: tuple[int, int]):
+        """The `ImageGeometry` mapping an original (H, W) image onto the vision frame."""
+        return geometry_from_image_processor(self.image_processor, image_size)
+
+    def __call__(self, images=None, text=None, boxes=None, masks=None, **kwargs):
+        r"""Tokenize `text`, preprocess `images` and convert the regions of every `<vis>`.
+
+        Args:
+            images: one image per `<image>` in `text`, flat or nested per sample (PIL or numpy; any mode, made RGB).
+            text (`str` or `list[str]`): prompts; the k-th `<vis>` of a sample is its k-th slot.
+            boxes: per sample, None or one entry per `<vis>`: pixel xyxy on the original image, or None.
+            masks: per sample, None or one entry per `<vis>`: an (H, W) bool array on the original image, or None.
+                A slot with a mask but no box takes the mask's bounding box.
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (when images are given) and, when text is
+            given: `vis_boxes` (B, K, 4) float32 normalized xyxy of the vision frame, NaN = no box; with `masks`, also
+            `vis_masks` (B, K, mask_size, mask_size) bool and `vis_mask_valid` (B, K) bool.
+        """
+        texts = [text] if isinstance(text, str) else text
+        if texts is not None:
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(sample, str) for sample in texts):
+                raise TypeError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
+            for index, sample in enumerate(texts):
+                if not sample.strip():
+                    raise ValueError(f"`text[{index}]` must be non-empty, got {sample!r}.")
+        elif boxes is not None or masks is not None:
+            raise ValueError("`boxes` and `masks` need the `text` whose `<vis>` tokens they belong to; got text=None.")
+        if images is not None:
+            images = [_to_rgb_image(image, f"images[{i}]") for i, image in enumerate(_flatten_images(images))]
+        outputs = super().__call__(images=images, text=texts, **kwargs)
+        if texts is None:
+            return outputs
+        input_ids = outputs["input_ids"].tolist() if hasattr(outputs["input_ids"], "tolist") else outputs["input_ids"]
+        vis_counts = [list(ids).count(self.vis_token_id) for ids in input_ids]
+        text_counts = [sample.count(self.vis_token) for sample in texts]
+        if vis_counts != text_counts:
+            raise ValueError(
+                f"`<vis>` count per sample: text={text_counts}, input_ids={vis_counts}; truncation must not cut a "
+                "`<vis>`: disable truncation or raise `max_length`."
+            )
+        as_tensor = isinstance(outputs["input_ids"], torch.Tensor)
+        regions = self._regions(list(texts), images or [], boxes, masks)
+        for key, value in regions.items():
+            outputs[key] = torch.from_numpy(value) if as_tensor else value
+        return outputs
+
+    def _regions(self, texts: list[str], images: list, boxes, masks) -> dict[str, np.ndarray]:
+        batch_size = len(texts)
+        vis_counts = [sample.count(self.vis_token) for sample in texts]
+        image_counts = [sample.count(self.image_token) for sample in texts]
+        starts = np.cumsum([0, *image_counts])
+        slots = max(vis_counts, default=0)
+        vis_boxes = np.full((batch_size, slots, 4), np.nan, dtype=np.float32)
+        box_lists, mask_lists = _per_sample(boxes, batch_size, "boxes"), _per_sample(masks, batch_size, "masks")
+        with_masks = masks is not None
+        if with_masks and self.mask_size is None:
+            raise ValueError("`masks` need the processor's `mask_size` (the mask head's resolution), got None.")
+        vis_masks = np.zeros((batch_size, slots, self.mask_size or 0, self.mask_size or 0), dtype=bool)
+        vis_mask_valid = np.zeros((batch_size, slots), dtype=bool)
+        for sample in range(batch_size):
+            if box_lists[sample] is None and mask_lists[sample] is None:
+                continue
+            if image_counts[sample] != 1:
+                raise ValueError(
+                    f"`boxes[{sample}]`/`masks[{sample}]` need exactly one image in `text[{sample}]`, "
+                    f"got {image_counts[sample]} `{self.image_token}` tokens."
+                )
+            image = images[starts[sample]]
+            image_size = (image.height, image.width)
+            geometry = self.image_geometry(image_size)
+            sample_boxes = _slot_list(box_lists[sample], vis_counts[sample], f"boxes[{sample}]")
+            sample_masks = _slot_list(mask_lists[sample], vis_counts[sample], f"masks[{sample}]")
+            for slot, (box, mask) in enumerate(zip(sample_boxes, sample_masks)):
+                name = f"[{sample}][{slot}]"
+                if mask is not None:
+                    mask = _validated_mask(mask, image_size, f"masks{name}")
+                    vis_masks[sample, slot] = mask_pixel_to_frame(mask, geometry, self.mask_size)
+                    vis_mask_valid[sample, slot] = True
+                    if box is None:
+                        box = boxes_xyxy_from_masks(mask[None])[0]
+                        if np.isnan(box).any():
+                            raise ValueError(f"`masks{name}` is empty and `boxes{name}` is None: no region given.")
+                if box is None:
+                    continue
+                box = _validated_box(box, image_size, f"boxes{name}")
+                normalized = boxes_xyxy_pixel_to_normalized(torch.from_numpy(box)[None], geometry)[0].numpy()
+                visible = np.clip(normalized, 0, 1)
+                if visible[2] <= visible[0] or visible[3] <= visible[1]:
+                    raise ValueError(
+                        f"`boxes{name}` = {box.tolist()} lies outside the part of the image the vision tower sees "
+                        f"({self.resize_mode} mode)."
+                    )
+                if not np.array_equal(visible, normalized):
+                    warnings.warn(f"`boxes{name}` = {box.tolist()} is partly cropped away; clipped to the visible part")
+                vis_boxes[sample, slot] = visible
+        regions = {"vis_boxes": vis_boxes}
+        if with_masks:
+            regions.update(vis_masks=vis_masks, vis_mask_valid=vis_mask_valid)
+        return regions
+
+    def _decode_with_markers(self, token_ids: list[int], vis_marker: str | None) -> str:
+        # Drop special tokens except `<vis>` (skip_special_tokens would strip it), then name each `<vis>`.
+        special_ids = set(self.tokenizer.all_special_ids) - {self.vis_token_id}
+        text = self.tokenizer.decode([i for i in token_ids if i not in special_ids], skip_special_tokens=False)
+        if vis_marker is None:
+            return text
+        pieces = text.split(self.vis_token)
+        marked = [pieces[0]]
+        for index, piece in enumerate(pieces[1:], start=1):
+            marked.extend((vis_marker.replace("{index}", str(index)), piece))
+        return "".join(marked)
+
+    def post_process_generation(
+        self, outputs, image_sizes, prompt_length=None, mask_threshold: float = 0.0, vis_marker: str | None = None
+    ) -> list[dict]:
+        """Turn `generate(..., return_dict_in_generate=True)` output into pixel-space results, one dict per row.
+
+        Args:
+            outputs: the generate output, with `sequences` (rows, T) and per row `pred_boxes` (n, 4) normalized xyxy,
+                `pred_masks` (n, h, w) logits or None, `vis_scores` (n,) and `vis_positions` (n,).
+            image_sizes: one original (H, W) per INPUT sample; rows = samples x num_return_sequences, and row r
+                belongs to sample r // (rows // samples).
+            prompt_length: tokens to cut from each row; None derives it from `outputs.scores`/`outputs.logits` when
+                present (one entry per generated step), else keeps the whole sequence.
+            mask_threshold: logit threshold for masks (0.0 = probability 0.5).
+            vis_marker: replaces each generated `<vis>` in the text, with "{index}" the 1-based object number
+                (e.g. "[obj{index}]"); None keeps `<vis>`.
+
+        Returns:
+            `[{"text": str, "boxes": FloatTensor (n, 4) pixel xyxy on the original image, clipped,
+            "scores": FloatTensor (n,), "masks": BoolTensor (n, H, W) or None}, ...]`
+        """
+        sequences = getattr(outputs, "sequences", None)
+        if not isinstance(sequences, torch.Tensor) or getattr(outputs, "pred_boxes", None) is None:
+            raise TypeError(
+                "`outputs` must be the PerceptionGPT generate output with `sequences` and `pred_boxes` (call generate "
+                f"with return_dict_in_generate=True), got {type(outputs).__name__}."
+            )
+        rows, samples = sequences.shape[0], len(image_sizes)
+        if samples == 0 or rows % samples:
+            raise ValueError(f"`image_sizes` must have one (H, W) per sample, dividing {rows} rows, got {samples}.")
+        if prompt_length is None:
+            steps = getattr(outputs, "scores", None) or getattr(outputs, "logits", None)
+            prompt_length = sequences.shape[1] - len(steps) if steps else 0
+        pred_masks = getattr(outputs, "pred_masks", None)
+        results = []
+        for row in range(rows):
+            geometry = self.image_geometry(tuple(int(v) for v in image_sizes[row // (rows // samples)]))
+            boxes = torch.as_tensor(outputs.pred_boxes[row]).detach().float().cpu().reshape(-1, 4)
+            row_masks = pred_masks[row] if pred_masks is not None else None
+            masks = None if row_masks is None else mask_logits_frame_to_pixel(row_masks, geometry, mask_threshold)
+            results.append(
+                {
+                    "text": self._decode_with_markers(sequences[row, prompt_length:].tolist(), vis_marker),
+                    "boxes": boxes_xyxy_normalized_to_pixel(boxes, geometry),
+                    "scores": torch.as_tensor(outputs.vis_scores[row]).detach().float().cpu().reshape(-1),
+                    "masks": masks,
+                }
+            )
+        return results
+
+
+PerceptionGPTProcessor.register_for_auto_class("AutoProcessor")
+
+
+def build_processor(
+    image_size: int,
+    patch_size: int,
+    mask_size: int,
+    tokenizer,
+    resize_mode: str = "pad",
+    chat_template: str | None = CHAT_TEMPLATE,
+    vision_feature_select_strategy: str = "default",
+    num_additional_image_tokens: int = 1,
+) -> PerceptionGPTProcessor:
+    """A processor whose LLaVA image processor realizes `resize_mode` at `image_size` x `image_size`.
+
+    Args:
+        image_size, patch_size: the vision tower's input size and patch size; with the CLIP defaults
+            (`num_additional_image_tokens=1` for CLS, `vision_feature_select_strategy="default"` dropping it) an
+            image takes (image_size // patch_size) ** 2 `<image>` tokens. Match the model config.
+        mask_size: the mask head's square resolution.
+        resize_mode: "pad" (LLaVA-1.5: pad to a square with the mean color, then resize), "resize" (squash) or
+            "center_crop" (CLIP: resize the short side, then crop the center).
+    """
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"`resize_mode` must be one of {RESIZE_MODES}, got {resize_mode!r}.")
+    square = {"height": image_size, "width": image_size}
+    settings = {
+        "pad": {"do_pad": True, "size": square, "do_center_crop": False},
+        "resize": {"do_pad": False, "size": square, "do_center_crop": False},
+        "center_crop": {"do_pad": False, "size": {"shortest_edge": image_size}, "do_center_crop": True},
+    }[resize_mode]
+    image_processor = LlavaImageProcessorPil(crop_size=square, **settings)
+    return PerceptionGPTProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        chat_template=chat_template,
+        num_additional_image_tokens=num_additional_image_tokens,
+        mask_size=mask_size,
+    )
+
+
+__all__ = ["PerceptionGPTProcessor", "build_processor"]

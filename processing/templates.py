@@ -1,0 +1,166 @@
+"""Chat template and task templates, as data.
+
+Task templates fill `{expression}` (a referring expression or a region description) and `{objects}` (the answer's
+`<vis>` tokens); a `<vis>` written in a question is a prompt region the caller must give a box or mask for. Messages use
+the dataset schema of DESIGN.md ("Data"): `{"role", "content": str}`, `<vis>` in the text and no `<image>`.
+"""
+
+import random
+
+VIS_TOKEN = "<vis>"
+
+# Vicuna v1 (LLaVA-1.5) layout: "[system ]USER: <parts> ASSISTANT: <answer></s>USER: ... ASSISTANT:".
+# A user message's parts are rendered in order and joined by "\n"; an image part becomes "<image>", so the caller
+# decides whether the question comes before or after the image. The `generation` block marks the assistant answer
+# (" " + text + eos) for `return_assistant_tokens_mask`, which the collator turns into labels.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{{ ' ' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ 'USER: ' }}"
+    "{%- for part in parts -%}"
+    "{%- if not loop.first -%}{{ '\n' }}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{{ ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'ASSISTANT:' }}{% generation %}{{ ' ' }}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ eos_token }}{% endgeneration %}"
+    "{%- else -%}{{ raise_exception('Unsupported role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+TASKS = ("rec", "res", "reg", "multi", "caption")
+
+TASK_TEMPLATES = {
+    # referring expression comprehension: expression -> one box
+    "rec": {
+        "questions": [
+            "Where is {expression}?",
+            "Locate {expression} in the image.",
+            "Find {expression}.",
+            "Which region shows {expression}?",
+            "Point out {expression}.",
+        ],
+        "answers": ["{objects}", "It is at {objects}.", "Here: {objects}."],
+    },
+    # referring expression segmentation: expression -> one mask (decoded from the same `<vis>`)
+    "res": {
+        "questions": [
+            "Segment {expression}.",
+            "Give the mask of {expression}.",
+            "Which pixels belong to {expression}?",
+            "Outline {expression}.",
+            "Please segment {expression} in the image.",
+        ],
+        "answers": ["{objects}", "The mask is {objects}.", "Here: {objects}."],
+    },
+    # region captioning: a prompt region -> its description
+    "reg": {
+        "questions": [
+            "What is in the region <vis>?",
+            "Describe the region <vis>.",
+            "What object is at <vis>?",
+            "Name the thing inside <vis>.",
+            "What can you see at <vis>?",
+        ],
+        "answers": ["{expression}", "It is {expression}.", "That is {expression}."],
+    },
+    # multi-object grounding: expression -> one `<vis>` per object
+    "multi": {
+        "questions": [
+            "Find all {expression}.",
+            "Locate every {expression} in the image.",
+            "Where are all the {expression}?",
+            "Show each {expression}.",
+            "Point out all {expression}.",
+        ],
+        "answers": ["{objects}", "They are at {objects}.", "Found: {objects}."],
+        "none": "There is none.",
+    },
+    # grounded captioning: a caption whose object phrases are each followed by their `<vis>`
+    "caption": {
+        "questions": [
+            "Describe the image with grounded objects.",
+            "Write a grounded caption of the image.",
+            "What is in the image? Ground each object.",
+            "Give a caption that locates every object.",
+            "Caption the image and locate the objects.",
+        ],
+        "answers": ["{expression}."],
+        "none": "Nothing is in the image.",
+    },
+}
+
+
+def _fill(template: str, expression: str, objects: str) -> str:
+    # str.replace rather than str.format: expressions may contain braces.
+    return template.replace("{expression}", expression).replace("{objects}", objects)
+
+
+def build_task_messages(
+    task: str,
+    expression,
+    n_objects: int = 1,
+    seed: int | None = None,
+    vary_answer: bool = False,
+) -> list[dict[str, str]]:
+    """Turn one grounding sample into a user/assistant exchange in the dataset schema.
+
+    Args:
+        task: one of `TASKS`.
+        expression: the referring expression (rec, res, multi), the region's description (reg), or for caption the
+            list of object phrases, each of which gets its own `<vis>`.
+        n_objects: number of answer objects for `multi` (0 gives the "none" answer); rec and res always have one.
+        seed: picks the paraphrase, so a dataset row is reproducible.
+        vary_answer: also paraphrase the answer; the default keeps the first (shortest) answer, which tiny models
+            trained from scratch learn fastest.
+
+    Returns:
+        `[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]`; the boxes of the `<vis>` tokens
+        are the caller's, in order of appearance (the `reg` prompt region first).
+    """
+    if task not in TASK_TEMPLATES:
+        raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
+    spec = TASK_TEMPLATES[task]
+    rng = random.Random(seed)
+    question_template = rng.choice(spec["questions"])
+    answer_template = rng.choice(spec["answers"]) if vary_answer else spec["answers"][0]
+    if task == "caption":
+        if isinstance(expression, str) or not all(isinstance(phrase, str) and phrase for phrase in expression):
+            raise TypeError(f"`expression` must be a list of non-empty phrases for task 'caption', got {expression!r}.")
+        phrases = [f"{phrase} {VIS_TOKEN}" for phrase in expression]
+        answer = _fill(answer_template, ", ".join(phrases), "") if phrases else spec["none"]
+        return [{"role": "user", "content": question_template}, {"role": "assistant", "content": answer}]
+    if not isinstance(expression, str) or not expression.strip():
+        raise ValueError(f"`expression` must be a non-empty string for task {task!r}, got {expression!r}.")
+    if task == "multi":
+        if not isinstance(n_objects, int) or n_objects < 0:
+            raise ValueError(f"`n_objects` must be a non-negative int for task 'multi', got {n_objects!r}.")
+    elif n_objects != 1:
+        raise ValueError(f"`n_objects` must be 1 for task {task!r}, got {n_objects!r}.")
+    objects = " ".join([VIS_TOKEN] * n_objects)
+    answer = _fill(answer_template, expression, objects) if n_objects else spec["none"]
+    return [
+        {"role": "user", "content": _fill(question_template, expression, objects)},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def template_corpus() -> list[str]:
+    """Every question and answer template plus the chat markers, as text for training a BPE tokenizer."""
+    texts = ["USER:", "ASSISTANT:"]
+    for spec in TASK_TEMPLATES.values():
+        texts.extend(_fill(text, "", "") for text in (*spec["questions"], *spec["answers"]))
+        if "none" in spec:
+            texts.append(spec["none"])
+    return texts
+
+
+__all__ = ["CHAT_TEMPLATE", "TASKS", "TASK_TEMPLATES", "build_task_messages", "template_corpus"]
