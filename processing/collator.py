@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 
 IGNORE_INDEX = -100
 IMAGE_POSITIONS = ("first", "after_text")
+ROLES = ("system", "user", "assistant")
 OVERFLOW_ACTIONS = ("raise", "drop")
 
 
@@ -62,7 +63,8 @@ class DataCollatorForPerceptionGPT:
         self.on_overflow = on_overflow
         self.image_position = image_position
 
-    def _conversation(self, row: dict, index: int) -> list[dict]:
+    def conversation(self, row: dict, index: int) -> list[dict]:
+        """The row's messages as a chat with the image part placed per `image_position` (index names the row)."""
         messages = row.get("messages")
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError(f"`rows[{index}]['messages']` must be a non-empty list of messages, got {messages!r}.")
@@ -70,13 +72,16 @@ class DataCollatorForPerceptionGPT:
         for turn, message in enumerate(messages):
             name = f"rows[{index}]['messages'][{turn}]"
             content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                role = message.get("role") if isinstance(message, dict) else message
+                raise ValueError(f"`{name}['role']` must be one of {ROLES}, got {role!r}.")
             if not isinstance(content, str) or not content.strip():
                 raise ValueError(f"`{name}['content']` must be non-empty text, got {content!r}.")
             if self.processor.image_token in content:
                 raise ValueError(f"`{name}` must not contain {self.processor.image_token!r}; the collator places it.")
             parts = [{"type": "text", "text": content}]
             if message.get("role") == "user" and not image_placed:
-                image = {"type": "image", "image": row["image"]}
+                image = {"type": "image", "image": row.get("image")}
                 parts = [image, *parts] if self.image_position == "first" else [*parts, image]
                 image_placed = True
             conversation.append({"role": message.get("role"), "content": parts})
@@ -87,7 +92,7 @@ class DataCollatorForPerceptionGPT:
     def _encode(self, row: dict, index: int) -> dict:
         if row.get("image") is None:
             raise ValueError(f"`rows[{index}]['image']` is missing.")
-        conversation = self._conversation(row, index)
+        conversation = self.conversation(row, index)
         n_vis = sum(message["content"].count(self.processor.vis_token) for message in row["messages"])
         boxes = [] if row.get("boxes") is None else list(row["boxes"])
         if len(boxes) != n_vis:

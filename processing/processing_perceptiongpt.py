@@ -318,6 +318,8 @@ class PerceptionGPTProcessor(LlavaProcessor):
                 "`outputs` must be the PerceptionGPT generate output with `sequences` and `pred_boxes` (call generate "
                 f"with return_dict_in_generate=True), got {type(outputs).__name__}."
             )
+        if not all(isinstance(size, (list, tuple, torch.Tensor, np.ndarray)) and len(size) == 2 for size in image_sizes):
+            raise TypeError(f"`image_sizes` must be a list of (H, W) pairs, one per input sample, got {image_sizes!r}.")
         rows, samples = sequences.shape[0], len(image_sizes)
         if samples == 0 or rows % samples:
             raise ValueError(f"`image_sizes` must have one (H, W) per sample, dividing {rows} rows, got {samples}.")

@@ -87,6 +87,16 @@ def test_image_after_text_moves_the_image_block():
     assert "vis_masks" not in batch  # no row of this batch has a mask
 
 
+def test_conversation_places_the_image_part():
+    row = _rows()[0]
+    first = DataCollatorForPerceptionGPT(PROCESSOR).conversation(row, 0)
+    after = DataCollatorForPerceptionGPT(PROCESSOR, image_position="after_text").conversation(row, 0)
+    image, question = {"type": "image", "image": row["image"]}, {"type": "text", "text": "Where is it?"}
+    assert first[0] == {"role": "user", "content": [image, question]}
+    assert after[0] == {"role": "user", "content": [question, image]}
+    assert first[1] == after[1] == {"role": "assistant", "content": [{"type": "text", "text": "<vis>"}]}
+
+
 def test_rows_from_a_datasets_table_and_grayscale_images():
     rows = _rows()
     rows[0]["image"] = Image.new("L", (32, 32))
@@ -123,6 +133,7 @@ def test_overflow_raises_or_drops_and_never_truncates():
         ({"messages": [{"role": "user", "content": "<image> hi"}]}, ValueError, "must not contain '<image>'"),
         ({"messages": [{"role": "assistant", "content": "<vis> <vis>"}]}, ValueError, "must contain a user message"),
         ({"image": None}, ValueError, "`rows\\[1\\]\\['image'\\]` is missing"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, ValueError, "\\['role'\\]` must be one of \\('system', 'user'"),
     ],
 )
 def test_invalid_rows_raise_clear_errors(change, error, message):

@@ -171,6 +171,8 @@ def test_post_process_generation_rejects_bad_arguments():
     generation = _generation(torch.ones(3, 4, dtype=torch.long), [torch.zeros(0, 4)] * 3, [torch.zeros(0)] * 3)
     with pytest.raises(ValueError, match="one \\(H, W\\) per sample, dividing 3 rows, got 2"):
         processor.post_process_generation(generation, image_sizes=[(8, 8), (8, 8)])
+    with pytest.raises(TypeError, match="`image_sizes` must be a list of \\(H, W\\) pairs"):
+        processor.post_process_generation(generation, image_sizes=(8, 8))
     with pytest.raises(TypeError, match="return_dict_in_generate=True"):
         processor.post_process_generation(torch.ones(1, 4, dtype=torch.long), image_sizes=[(8, 8)])
 
@@ -310,32 +312,51 @@ _REMOTE_SCRIPT = textwrap.dedent(
         sys.exit("perceptiongpt must not be importable here")
     except ImportError:
         pass
+    import torch
     from PIL import Image
-    from transformers import AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
-    out = processor(images=[Image.new("RGB", (64, 32))], text=["USER: <image>\\n<vis> ASSISTANT:"],
-                    boxes=[[[8, 4, 40, 20]]], return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    inputs = processor(images=[Image.new("RGB", (64, 32))], text=["USER: <image>\\n<vis> ASSISTANT:"],
+                       boxes=[[[8, 4, 40, 20]]], return_tensors="pt")
+    generation = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    prompt_length = inputs["input_ids"].shape[1]
+    result = processor.post_process_generation(generation, image_sizes=[(32, 64)], prompt_length=prompt_length)[0]
     print(json.dumps({"module": type(processor).__module__, "class": type(processor).__name__,
-                      "input_ids": out["input_ids"][0].tolist(), "vis_boxes": out["vis_boxes"][0].tolist()}))
+                      "input_ids": inputs["input_ids"][0].tolist(), "vis_boxes": inputs["vis_boxes"][0].tolist(),
+                      "sequence": generation.sequences[0].tolist(), "boxes": result["boxes"].tolist(),
+                      "text": result["text"]}))
     """
 )
 
 
-def test_auto_processor_loads_as_remote_code_without_the_package(tmp_path):
+def test_model_folder_loads_as_remote_code_without_the_package(tmp_path):
+    # The processor files are copied flat next to the modeling files: one folder serves both Auto classes.
+    from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny")).eval()
+    with torch.no_grad():  # make `<vis>` likely so that boxes come out
+        model.lm_head.weight[TOKENIZER.vis_token_id] = model.model.language_model.norm.weight * 3
     folder = tmp_path / "model"
+    model.save_pretrained(folder)
     PROCESSORS["pad"].save_pretrained(folder)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     command = [sys.executable, "-c", _REMOTE_SCRIPT, str(folder)]
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert result["class"] == "PerceptionGPTProcessor" and result["module"].startswith("transformers_modules")
-    expected = PROCESSORS["pad"](
-        images=[_image(32, 64)], text=["USER: <image>\n<vis> ASSISTANT:"], boxes=[[[8, 4, 40, 20]]], return_tensors="pt"
-    )
-    assert result["input_ids"] == expected["input_ids"][0].tolist()
-    assert result["vis_boxes"] == [[0.125, 0.3125, 0.625, 0.5625]]
+    remote = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert remote["class"] == "PerceptionGPTProcessor" and remote["module"].startswith("transformers_modules")
+    image, text = _image(32, 64), ["USER: <image>\n<vis> ASSISTANT:"]
+    inputs = PROCESSORS["pad"](images=[image], text=text, boxes=[[[8, 4, 40, 20]]], return_tensors="pt")
+    assert remote["input_ids"] == inputs["input_ids"][0].tolist()
+    assert remote["vis_boxes"] == [[0.125, 0.3125, 0.625, 0.5625]]
+    generation = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    prompt_length = inputs["input_ids"].shape[1]
+    local = PROCESSORS["pad"].post_process_generation(generation, [(32, 64)], prompt_length=prompt_length)
+    assert remote["sequence"] == generation.sequences[0].tolist() and remote["text"] == local[0]["text"]
+    assert remote["boxes"] == local[0]["boxes"].tolist() and len(remote["boxes"]) > 0
 
 
 _FUZZ_PIECES = st.lists(st.sampled_from([" ", "a", "9", ",", "é", "<", "vis>", "<image", "</s>", "\n"]), max_size=4)
