@@ -1,1 +1,16 @@
 """Training side of PerceptionGPT: Trainer subclass, PEFT recipe, generation-based evaluation, CLI."""
+
+from .evaluation import GroundingEvaluation, evaluate_grounding, shuffle_expressions
+from .peft_recipe import LORA_PRESETS, count_parameters, lora_config
+from .trainer_perceptiongpt import LOSS_PARTS, PerceptionGPTTrainer
+
+__all__ = [
+    "GroundingEvaluation",
+    "LORA_PRESETS",
+    "LOSS_PARTS",
+    "PerceptionGPTTrainer",
+    "count_parameters",
+    "evaluate_grounding",
+    "lora_config",
+    "shuffle_expressions",
+]

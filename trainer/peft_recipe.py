@@ -1,0 +1,55 @@
+"""PEFT recipe: LoRA on the language model; heads and fusion fully trained; the `<vis>` rows trainable."""
+
+from peft import LoraConfig
+
+# Modules trained in full and saved with the adapter (names are suffix-matched by PEFT).
+PERCEPTION_MODULES = ["box_encoder", "mask_encoder", "box_decoder", "mask_decoder", "mask_feature_fusion"]
+
+LORA_PRESETS = {
+    # the paper: LoRA on q,v with r=16, alpha=64, dropout 0.1
+    "paper": {"r": 16, "lora_alpha": 64, "lora_dropout": 0.1, "projections": ["q_proj", "v_proj"]},
+    # every attention and MLP projection: more capacity for small models trained briefly
+    "full": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+             "projections": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+}  # fmt: skip
+
+
+def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **overrides) -> LoraConfig:
+    """The LoraConfig for `get_peft_model(model, lora_config(model))`.
+
+    Args:
+        model: a PerceptionGPTForConditionalGeneration (its config gives `<vis>` and the fusion flag).
+        preset: "paper" (q,v r=16 alpha=64 dropout 0.1) or "full" (all projections).
+        whole_embedding: train the whole input embedding matrix, as the paper did, instead of only the `<vis>` rows.
+        overrides: any LoraConfig field (e.g. r=8).
+    """
+    if preset not in LORA_PRESETS:
+        raise ValueError(f"`preset` must be one of {sorted(LORA_PRESETS)}, got {preset!r}.")
+    settings = dict(LORA_PRESETS[preset])
+    projections = "|".join(settings.pop("projections"))
+    modules_to_save = list(PERCEPTION_MODULES)
+    if model.config.fuse_llm_features:
+        modules_to_save.append("llm_feature_fusion")
+    vis = model.config.vis_token_id
+    trainable_tokens = {"lm_head": [vis]}  # `<vis>` must be predicted
+    if whole_embedding:
+        modules_to_save.append("embed_tokens")
+    else:
+        trainable_tokens["embed_tokens"] = [vis]
+    kwargs = dict(
+        target_modules=rf".*language_model.*\.({projections})",
+        modules_to_save=modules_to_save,
+        trainable_token_indices=trainable_tokens,
+        **settings,
+    )
+    return LoraConfig(**{**kwargs, **overrides})
+
+
+def count_parameters(model) -> dict:
+    """Trainable and total parameter counts (works on the meta device)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
+
+
+__all__ = ["LORA_PRESETS", "PERCEPTION_MODULES", "count_parameters", "lora_config"]

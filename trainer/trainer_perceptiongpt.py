@@ -1,0 +1,110 @@
+"""`PerceptionGPTTrainer`: a `Trainer` that averages box/mask losses over the global `<vis>` count, logs each loss
+part, trains with the language model's cache off, and evaluates by generation."""
+
+import math
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from perceptiongpt.region_inputs import vis_targets
+
+from .evaluation import evaluate_grounding
+
+LOSS_PARTS = ("lm_loss", "box_l1_loss", "box_giou_loss", "mask_dice_loss", "mask_bce_loss")
+
+
+class PerceptionGPTTrainer(Trainer):
+    """Trainer for PerceptionGPT (plain or PEFT-wrapped).
+
+    Args (beyond `Trainer`'s):
+        eval_max_new_tokens: generation budget per evaluation sample.
+        eval_image_position: where the evaluation prompts put the image ("first" or "after_text"); use the
+            collator's setting.
+    `evaluate()` runs generate() on `eval_dataset` rows (DESIGN.md's schema) and reports `rec_acc@0.5`,
+    `rec_miou`, `res_ciou` and `res_giou`.
+    """
+
+    def __init__(self, *args, eval_max_new_tokens: int = 16, eval_image_position: str = "first", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_max_new_tokens = eval_max_new_tokens
+        self.eval_image_position = eval_image_position
+        self._target_counts = None  # (boxes, masks) in the global batch of the current optimizer step
+        self._part_sums = defaultdict(float)
+        self._part_steps = 0
+
+    @property
+    def _perception_config(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also counts the box and mask targets over the gradient-accumulation window and all processes."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        config = self._perception_config
+        counts = torch.zeros(2, dtype=torch.long, device=device)
+        for batch in batch_samples:
+            if "labels" in batch and batch.get("vis_boxes") is not None:
+                _, _, _, has_box, has_mask = vis_targets(
+                    config, batch["input_ids"], batch["labels"], batch["vis_boxes"], batch.get("vis_mask_valid")
+                )
+                counts += torch.stack([has_box.sum(), has_mask.sum()]).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts[None]).sum(0)
+        self._target_counts = counts
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {**inputs, "use_cache": False}  # the composite config's text_config.use_cache stays True otherwise
+        if model.training and self._target_counts is not None:
+            inputs["num_vis_in_batch"], inputs["num_masks_in_batch"] = self._target_counts
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            # each part is (local sum / global count); x processes, summed over the window, reduced by mean in log()
+            global_mean = num_items_in_batch is not None and self.args.average_tokens_across_devices
+            scale = self.accelerator.num_processes if global_mean else 1
+            for name in LOSS_PARTS:
+                value = outputs.get(name)
+                if value is not None:
+                    self._part_sums[name] += value.detach().float() * scale
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self._part_steps += 1
+        return loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._part_steps:
+            window = self._part_steps / self.args.gradient_accumulation_steps  # optimizer steps since the last log
+            for name, total in self._part_sums.items():
+                value = self.accelerator.reduce(torch.as_tensor(total, device=self.args.device), "mean")
+                logs[name] = round(float(value) / max(window, 1), 6)
+            self._part_sums.clear()
+            self._part_steps = 0
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Generation-based evaluation (never teacher-forced) with the REC/RES protocols of DESIGN.md."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("`eval_dataset` is required for evaluation, got None.")
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        result = evaluate_grounding(
+            model, self.processing_class, dataset, batch_size=self.args.per_device_eval_batch_size,
+            max_new_tokens=self.eval_max_new_tokens, image_position=self.eval_image_position,
+        )  # fmt: skip
+        model.train(was_training)
+        metrics = {
+            f"{metric_key_prefix}_{key}": value
+            for key, value in result.metrics.items()
+            if isinstance(value, (int, float)) and math.isfinite(value)
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+__all__ = ["LOSS_PARTS", "PerceptionGPTTrainer"]
