@@ -3,7 +3,7 @@
 Importing the package registers the Auto classes. The trainer is imported lazily (it pulls in peft/accelerate).
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionGPTConfig
 from .conversion_perceptiongpt import from_llava
@@ -14,9 +14,11 @@ from .modeling_perceptiongpt import (
     PerceptionGPTModel,
     PerceptionGPTPreTrainedModel,
 )
+from .processing.processing_perceptiongpt import PerceptionGPTProcessor
 
 AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_ok=True)
 AutoModelForImageTextToText.register(PerceptionGPTConfig, PerceptionGPTForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(PerceptionGPTConfig, PerceptionGPTProcessor, exist_ok=True)
 # save_pretrained copies the code and writes `auto_map`, so saved folders load with trust_remote_code=True
 PerceptionGPTConfig.register_for_auto_class()
 PerceptionGPTForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
@@ -31,5 +33,6 @@ __all__ = [
     "PerceptionGPTGenerateOutput",
     "PerceptionGPTModel",
     "PerceptionGPTPreTrainedModel",
+    "PerceptionGPTProcessor",
     "from_llava",
 ]

@@ -137,3 +137,76 @@ def test_evaluate_by_generation_reports_metrics(setup, rows, tmp_path):
         if key in result.metrics:
             assert metrics[f"eval_{key}"] == pytest.approx(result.metrics[key])
     assert len(result.predictions) == len(rows)
+
+
+class _Kill(RuntimeError):
+    pass
+
+
+def _kill_after(step):
+    from transformers import TrainerCallback
+
+    class KillCallback(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Kill(f"killed at step {step}")
+
+    return KillCallback()
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_resume_after_kill_matches_uninterrupted_run(rows, tmp_path):
+    processor = build_processor(16, 4, 16, build_tokenizer("char"))
+    kwargs = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2, optim="adamw_torch")
+    torch.manual_seed(0)
+    model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
+    _trainer(model, processor, rows, tmp_path / "full", **kwargs).train()
+    expected = _params(model)
+
+    torch.manual_seed(0)
+    model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
+    trainer = _trainer(model, processor, rows, tmp_path / "killed", **kwargs)
+    trainer.add_callback(_kill_after(3))
+    with pytest.raises(_Kill):
+        trainer.train()
+    torch.manual_seed(123)  # a different fresh init: everything must come from the checkpoint
+    model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
+    trainer = _trainer(model, processor, rows, tmp_path / "killed", **kwargs)
+    trainer.train(resume_from_checkpoint=True)
+    worst = max((expected[n] - p).abs().max().item() for n, p in _params(model).items())
+    assert trainer.state.global_step == 4 and worst < 1e-6
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "drop_optimizer", "not_a_folder"])
+def test_corrupt_or_partial_checkpoint_raises(setup, rows, tmp_path, damage):
+    model, processor = setup
+    trainer = _trainer(model, processor, rows, tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    if damage == "truncate_weights":
+        data = (checkpoint / "model.safetensors").read_bytes()
+        (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+        match = "corrupt"
+    elif damage == "drop_optimizer":
+        (checkpoint / "optimizer.pt").unlink()
+        match = r"partial: missing \['optimizer.pt'\]"
+    else:
+        checkpoint = tmp_path / "nowhere"
+        match = "checkpoint folder"
+    with pytest.raises(ValueError, match=match):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_activation_checkpointing_gives_the_same_step(rows, tmp_path):
+    processor = build_processor(16, 4, 16, build_tokenizer("char"))
+    finals = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
+        _trainer(model, processor, rows, tmp_path / str(checkpointing), max_steps=1, optim="sgd",
+                 activation_checkpointing=checkpointing).train()  # fmt: skip
+        finals.append(_params(model))
+    assert max((finals[0][n] - finals[1][n]).abs().max().item() for n in finals[0]) < 1e-6

@@ -1,11 +1,15 @@
 """`PerceptionGPTTrainer`: a `Trainer` that averages box/mask losses over the global `<vis>` count, logs each loss
 part, trains with the language model's cache off, and evaluates by generation."""
 
+import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from perceptiongpt.region_inputs import vis_targets
 
@@ -32,6 +36,17 @@ class PerceptionGPTTrainer(Trainer):
         self._target_counts = None  # (boxes, masks) in the global batch of the current optimizer step
         self._part_sums = defaultdict(float)
         self._part_steps = 0
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, refusing a corrupt or partial checkpoint with a clear error instead of a silent restart."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            path = resume_from_checkpoint
+            if resume_from_checkpoint is True:
+                path = get_last_checkpoint(self.args.output_dir)
+                if path is None:
+                    raise ValueError(f"`resume_from_checkpoint=True` but {self.args.output_dir} has no checkpoint.")
+            check_checkpoint(path)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @property
     def _perception_config(self):
@@ -107,4 +122,26 @@ class PerceptionGPTTrainer(Trainer):
         return metrics
 
 
-__all__ = ["LOSS_PARTS", "PerceptionGPTTrainer"]
+def check_checkpoint(path) -> None:
+    """Raises a ValueError naming what is missing or unreadable in a Trainer checkpoint folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"`resume_from_checkpoint` must be a checkpoint folder, got {str(path)!r}.")
+    weights = [path / name for name in ("model.safetensors", "adapter_model.safetensors") if (path / name).exists()]
+    weights += sorted(path.glob("model-*.safetensors"))
+    required = ["trainer_state.json", "optimizer.pt", "scheduler.pt"]
+    missing = [name for name in required if not (path / name).exists()] + ([] if weights else ["model weights"])
+    if missing:
+        raise ValueError(f"Checkpoint {path} is partial: missing {missing}. Resume from a complete checkpoint.")
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        for file in weights:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise ValueError(f"Checkpoint {path} is corrupt ({type(error).__name__}: {error}).") from error
+
+
+__all__ = ["LOSS_PARTS", "PerceptionGPTTrainer", "check_checkpoint"]
