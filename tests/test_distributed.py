@@ -1,0 +1,33 @@
+"""2 CPU processes (gloo, one thread each, dropout 0) match 1 process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("distributed_train.py")
+
+
+def _launch(tmp_path, processes, per_device_batch):
+    output = tmp_path / f"losses_{processes}.json"
+    # `--multi_gpu` is accelerate's multi-process DDP launcher; with use_cpu it runs gloo on CPU processes
+    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    command += [str(SCRIPT), str(output), str(per_device_batch)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "MASTER_PORT": "29533"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(output.read_text())
+
+
+def test_two_processes_match_one(tmp_path):
+    single = _launch(tmp_path, 1, 4)
+    double = _launch(tmp_path, 2, 2)
+    assert (single["world_size"], double["world_size"]) == (1, 2)
+    single, double = single["logs"], double["logs"]
+    assert len(single) == len(double) == 3
+    for one, two in zip(single, double):
+        for key, value in one.items():
+            assert abs(value - two[key]) < 1e-4, (key, value, two[key])
