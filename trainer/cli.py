@@ -79,7 +79,8 @@ def _rows(args, default_split):
     if args.dataset == "synthetic":
         from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
 
-        return build_synthetic_dataset(SyntheticConfig.demo(), split, args.num_samples)
+        config = SyntheticConfig(**{**SyntheticConfig.demo().__dict__, "tasks": ("rec", "res")})
+        return build_synthetic_dataset(config, split, args.num_samples)
     from perceptiongpt.processing import refcoco
 
     if args.dataset == "refcoco-refer":
@@ -156,12 +157,16 @@ def _predict(args):
         draw_grounding(image, result["boxes"].tolist(), None if masks is None else masks.numpy(), labels).save(args.output)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perceptiongpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_eval, _add_predict):
         add(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
