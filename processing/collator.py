@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from .text_coordinates import COORDINATE_FORMATS, row_with_text_coordinates
+
 
 IGNORE_INDEX = -100
 IMAGE_POSITIONS = ("first", "after_text")
@@ -42,6 +44,8 @@ class DataCollatorForPerceptionGPT:
         on_overflow: "raise" or "drop" (with a warning) for samples longer than `max_length`.
         image_position: "first" puts the image before the first user text, "after_text" after it (the question comes
             first, which helps tiny models trained from scratch).
+        coordinate_format: "vis" (one `<vis>` per answer object) or "text" (the Shikra-style baseline: answer boxes
+            written as `[x1,y1,x2,y2]` normalized text, see `text_coordinates.py`).
 
     Returns (from `__call__`): `input_ids`, `attention_mask` (B, T) right-padded; `labels` (B, T) = input_ids on the
     assistant answers (text, `<vis>` and eos), -100 elsewhere; `pixel_values` (B, 3, S, S); `vis_boxes` (B, K, 4)
@@ -50,7 +54,12 @@ class DataCollatorForPerceptionGPT:
     """
 
     def __init__(
-        self, processor, max_length: int | None = None, on_overflow: str = "raise", image_position: str = "first"
+        self,
+        processor,
+        max_length: int | None = None,
+        on_overflow: str = "raise",
+        image_position: str = "first",
+        coordinate_format: str = "vis",
     ):
         if on_overflow not in OVERFLOW_ACTIONS:
             raise ValueError(f"`on_overflow` must be one of {OVERFLOW_ACTIONS}, got {on_overflow!r}.")
@@ -58,6 +67,9 @@ class DataCollatorForPerceptionGPT:
             raise ValueError(f"`image_position` must be one of {IMAGE_POSITIONS}, got {image_position!r}.")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"`max_length` must be a positive int or None, got {max_length!r}.")
+        if coordinate_format not in COORDINATE_FORMATS:
+            raise ValueError(f"`coordinate_format` must be one of {COORDINATE_FORMATS}, got {coordinate_format!r}.")
+        self.coordinate_format = coordinate_format
         self.processor = processor
         self.max_length = max_length
         self.on_overflow = on_overflow
@@ -92,11 +104,15 @@ class DataCollatorForPerceptionGPT:
     def _encode(self, row: dict, index: int) -> dict:
         if row.get("image") is None:
             raise ValueError(f"`rows[{index}]['image']` is missing.")
-        conversation = self.conversation(row, index)
+        self.conversation(row, index)  # validates the messages
         n_vis = sum(message["content"].count(self.processor.vis_token) for message in row["messages"])
         boxes = [] if row.get("boxes") is None else list(row["boxes"])
         if len(boxes) != n_vis:
             raise ValueError(f"`rows[{index}]['boxes']` has {len(boxes)} boxes but its messages have {n_vis} `<vis>`.")
+        if self.coordinate_format == "text":
+            row = row_with_text_coordinates(row, self.processor)
+            n_vis, boxes = len(row["boxes"]), list(row["boxes"])
+        conversation = self.conversation(row, index)
         rles, masks = row.get("masks"), None
         if rles is not None and any(rle is not None for rle in rles):
             name = f"rows[{index}]['masks']"

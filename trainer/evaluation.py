@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT, decode_rle
 from perceptiongpt.processing.metrics import rec_accuracy, res_iou
+from perceptiongpt.processing.text_coordinates import COORDINATE_FORMATS, text_boxes_to_pixel
 
 
 @dataclass
@@ -54,11 +55,18 @@ def _prompt(collator, row, index):
 @torch.no_grad()
 def evaluate_grounding(
     model, processor, rows, batch_size: int = 8, max_new_tokens: int = 16, image_position: str = "first",
-    progress: bool = False,
+    progress: bool = False, coordinate_format: str = "vis",
 ) -> GroundingEvaluation:  # fmt: skip
-    """Generate on `rows` (DESIGN.md's schema; tasks "rec" and "res" are scored) and compute the metrics."""
+    """Generate on `rows` (DESIGN.md's schema; tasks "rec" and "res" are scored) and compute the metrics.
+
+    With `coordinate_format="text"` (the text-coordinate baseline) boxes are parsed from the generated text, an
+    unparseable answer counts as wrong, and only REC is scored (text carries no mask).
+    """
+    if coordinate_format not in COORDINATE_FORMATS:
+        raise ValueError(f"`coordinate_format` must be one of {COORDINATE_FORMATS}, got {coordinate_format!r}.")
     collator = DataCollatorForPerceptionGPT(processor, image_position=image_position)
-    rows = [row for row in rows if row["task"] in ("rec", "res")]
+    tasks = ("rec", "res") if coordinate_format == "vis" else ("rec",)
+    rows = [row for row in rows if row["task"] in tasks]
     box_preds, box_refs, mask_preds, mask_refs, predictions = [], [], [], [], []
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -80,7 +88,9 @@ def evaluate_grounding(
                                  return_dict_in_generate=True)  # fmt: skip
             sizes = [(row["image"].height, row["image"].width) for row in batch]
             results = processor.post_process_generation(out, sizes, prompt_length=inputs["input_ids"].shape[1])
-            for row, result, target in zip(batch, results, targets):
+            for row, result, target, size in zip(batch, results, targets, sizes):
+                if coordinate_format == "text":
+                    result["boxes"] = text_boxes_to_pixel(result["text"], processor, size)
                 predictions.append(result)
                 found = len(result["boxes"]) > 0
                 if row["task"] == "rec":
