@@ -210,3 +210,21 @@ def test_activation_checkpointing_gives_the_same_step(rows, tmp_path):
                  activation_checkpointing=checkpointing).train()  # fmt: skip
         finals.append(_params(model))
     assert max((finals[0][n] - finals[1][n]).abs().max().item() for n in finals[0]) < 1e-6
+
+
+def test_paper_preset_trainable_share_on_meta_device():
+    """The paper's recipe at 7B, counted without allocating: `<vis>` rows only vs the whole embedding."""
+    from peft import get_peft_model
+
+    shares = {}
+    for whole in (False, True):
+        with torch.device("meta"):
+            model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("paper"))
+        base = count_parameters(model)["total"]
+        peft_model = get_peft_model(model, lora_config(model, preset="paper", whole_embedding=whole))
+        shares[whole] = 100.0 * count_parameters(peft_model)["trainable"] / base
+    lora = 2 * 32 * 2 * 4096 * 16  # q and v: A (16 x 4096) + B (4096 x 16) in 32 layers
+    assert 0.7 < shares[False] < 0.8  # LoRA 8.4M + heads ~44M + 2 token rows, of 7.16B
+    # the whole 32064-row embedding replaces the single `<vis>` row delta
+    assert abs((shares[True] - shares[False]) / 100 * base - (32064 - 1) * 4096) < 1
+    assert lora == 8_388_608
