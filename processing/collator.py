@@ -34,6 +34,10 @@ def decode_rle(rle: dict, name: str) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def _is_encoded(row) -> bool:
+    return isinstance(row.get("input_ids"), torch.Tensor) and "labels" in row
+
+
 class DataCollatorForPerceptionGPT:
     """Turn grounding rows into `input_ids`, `attention_mask`, `labels`, `pixel_values` and the `<vis>` targets.
 
@@ -101,7 +105,9 @@ class DataCollatorForPerceptionGPT:
             raise ValueError(f"`rows[{index}]['messages']` must contain a user message to attach the image to.")
         return conversation
 
-    def _encode(self, row: dict, index: int) -> dict:
+    def encode(self, row: dict, index: int = 0) -> dict:
+        """One row -> its unpadded tensors (batch dim 1). A list of these is a valid, pre-encoded training set: the
+        collator then only pads, which keeps slow chat templating out of the training loop."""
         if row.get("image") is None:
             raise ValueError(f"`rows[{index}]['image']` is missing.")
         self.conversation(row, index)  # validates the messages
@@ -134,7 +140,7 @@ class DataCollatorForPerceptionGPT:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         samples = []
         for index, row in enumerate(rows):
-            encoded = self._encode(row, index)
+            encoded = row if _is_encoded(row) else self.encode(row, index)
             length = encoded["input_ids"].shape[1]
             if self.max_length is not None and length > self.max_length:
                 message = f"`rows[{index}]` has {length} tokens, more than `max_length` = {self.max_length}."

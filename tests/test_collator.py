@@ -178,3 +178,13 @@ def test_batch_trains_the_tiny_model_with_every_loss_part():
     assert all(torch.isfinite(part) and part > 0 for part in parts)
     outputs.loss.backward()
     assert model.box_decoder.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_pre_encoded_rows_collate_like_raw_rows():
+    collator = DataCollatorForPerceptionGPT(PROCESSOR)
+    rows = _rows()
+    raw = collator(rows)
+    encoded = collator([collator.encode(row, i) for i, row in enumerate(rows)])
+    assert raw.keys() == encoded.keys()
+    for key in raw:
+        assert torch.equal(raw[key].nan_to_num(-7), encoded[key].nan_to_num(-7)), key
