@@ -64,10 +64,27 @@ class PerceptionGPTPreTrainedModel(LlavaPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, defaulting `attn_implementation` to `preferred_attn_implementation`."""
+        """`PreTrainedModel.from_pretrained` with two defaults:
+        - `attn_implementation`: `preferred_attn_implementation(dtype)`;
+        - `use_safetensors=True`: pickled weights (`pytorch_model.bin`) are refused, because unpickling can run code;
+          pass `use_safetensors=False` explicitly to load them (transformers then uses torch.load(weights_only=True)).
+        """
         if kwargs.get("attn_implementation") is None:
             kwargs["attn_implementation"] = preferred_attn_implementation(kwargs.get("dtype"))
-        return super().from_pretrained(*args, **kwargs)
+        safetensors_by_default = kwargs.get("use_safetensors") is None
+        if safetensors_by_default:
+            kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except OSError as error:
+            if not (safetensors_by_default and ".safetensors" in str(error)):
+                raise
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(
+                f"{str(source)!r} has no safetensors weights (`model.safetensors` or its index). PerceptionGPT refuses "
+                "pickled weights such as `pytorch_model.bin` by default, because unpickling can run code; pass "
+                "`use_safetensors=False` to load them from a source you trust."
+            ) from error
 
     def _init_weights(self, module):
         if getattr(module, "zero_init", False):  # e.g. the box decoder's output layer, as in the paper
