@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import is_flash_attn_2_available
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
@@ -24,8 +24,8 @@ from .configuration_perceptiongpt import PerceptionGPTConfig
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
 from .heads_perceptiongpt import BoxDecoder, BoxEncoder, LayerFusion, MaskEncoder
 from .losses_perceptiongpt import box_giou_loss_sum, box_l1_loss_sum, mask_bce_loss_sum, mask_dice_loss_sum
-from .mask_decoder_perceptiongpt import MaskDecoder
-from .region_inputs import check_region_inputs, image_index_per_row, vis_slot_index, vis_targets
+from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
+from .region_inputs import check_region_inputs, image_index_per_token, vis_slot_index, vis_targets
 
 
 @dataclass
@@ -47,14 +47,22 @@ class PerceptionGPTCausalLMOutput(LlavaCausalLMOutputWithPast):
     pred_masks: torch.FloatTensor | None = None
 
 
+# FlashAttention-4's CuTe-DSL kernels need Hopper (sm90) or datacenter Blackwell (sm100/sm103) instructions.
+FLASH_ATTN_4_MAJOR_CAPABILITIES = (9, 10)
+
+
 def preferred_attn_implementation(dtype=None) -> str:
-    """FlashAttention-2 when flash-attn imports, CUDA is present and the dtype is half precision; else sdpa, which
-    has its own FlashAttention backend on CUDA."""
+    """The implementation both towers get. On CUDA in half precision: FlashAttention-2 when flash-attn imports, else
+    FlashAttention-4 (the `flash-attn-4` wheel) on Hopper/Blackwell. Otherwise sdpa, which has its own
+    FlashAttention backend on CUDA."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
-    half = dtype in (torch.float16, torch.bfloat16)
-    if half and torch.cuda.is_available() and is_flash_attn_2_available():
+    if dtype not in (torch.float16, torch.bfloat16) or not torch.cuda.is_available():
+        return "sdpa"
+    if is_flash_attn_2_available():
         return "flash_attention_2"
+    if is_flash_attn_4_available() and torch.cuda.get_device_capability()[0] in FLASH_ATTN_4_MAJOR_CAPABILITIES:
+        return "flash_attention_4"
     return "sdpa"
 
 
@@ -92,6 +100,10 @@ class PerceptionGPTPreTrainedModel(LlavaPreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, LayerFusion):
             init.zeros_(module.logits)
+        elif isinstance(module, MaskDecoder):
+            # a non-persistent buffer: from_pretrained materializes it uninitialized (torch.empty), so recompute it
+            encoding = module.position_encoding  # (d, g, g)
+            init.copy_(encoding, sine_position_encoding_2d(encoding.shape[0], module.grid_size, module.grid_size))
         else:
             super()._init_weights(module)
 
@@ -274,8 +286,10 @@ class PerceptionGPTForConditionalGeneration(
         result.pred_boxes = pred_boxes
         if vis_masks is None or result.image_outputs is None or not has_mask.any():
             return
-        image_idx = image_index_per_row(input_ids, self.config.image_token_id, self.config.num_image_tokens)
-        features = result.image_outputs.mask_features[image_idx[rows[has_mask]]]  # (N_mask, g*g, C)
+        # per token, not per row: a packed row holds several samples, each `<vis>` reads its own sample's image
+        config = self.config
+        image_idx = image_index_per_token(input_ids, config.image_token_id, config.num_image_tokens)  # (B, T)
+        features = result.image_outputs.mask_features[image_idx[rows[has_mask], cols[has_mask]]]  # (N_mask, g*g, C)
         pred_masks = self.mask_decoder(states[has_mask], features)  # (N_mask, S, S)
         gt_masks = vis_masks.to(hidden.device)[rows[has_mask], slots[has_mask]]  # (N_mask, S, S)
         denom = torch.as_tensor(has_mask.sum() if num_masks is None else num_masks, device=hidden.device).clamp(min=1)

@@ -21,6 +21,21 @@ def image_index_per_row(input_ids: torch.Tensor, image_token_id: int, tokens_per
     return torch.where(images_per_row > 0, first, torch.full_like(first, -1))
 
 
+def image_index_per_token(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
+    """(B, T) -> (B, T): index into the batch's images of the latest image begun at or before each position of its
+    row (the row's first image before any), -1 for rows without one.
+
+    In a packed row (several samples, each with its image before its `<vis>`) each `<vis>` thus gets its own
+    sample's image; in a one-image row every position gets that image, as `image_index_per_row`.
+    """
+    is_image = (input_ids == image_token_id).long()  # (B, T)
+    images_per_row = is_image.sum(-1) // tokens_per_image  # (B,)
+    first = images_per_row.cumsum(0) - images_per_row  # (B,)
+    begun = (is_image.cumsum(-1) + tokens_per_image - 1) // tokens_per_image  # (B, T) images begun up to t
+    index = first[:, None] + (begun - 1).clamp(min=0)  # (B, T)
+    return torch.where(images_per_row[:, None] > 0, index, torch.full_like(index, -1))
+
+
 def vis_targets(config, input_ids, labels, vis_boxes, vis_mask_valid=None):
     """The supervised `<vis>` tokens (labels == `<vis>`, never position 0, which nothing predicts).
 
@@ -39,7 +54,8 @@ def vis_targets(config, input_ids, labels, vis_boxes, vis_mask_valid=None):
     if vis_mask_valid is not None:
         known = slots < vis_mask_valid.shape[1]
         has_mask[known] = vis_mask_valid.to(labels.device)[rows[known], slots[known]]
-        has_mask &= image_index_per_row(input_ids, config.image_token_id, config.num_image_tokens)[rows] >= 0
+        image_index = image_index_per_token(input_ids, config.image_token_id, config.num_image_tokens)  # (B, T)
+        has_mask &= image_index[rows, cols] >= 0
     return rows, cols, slots, has_box, has_mask
 
 
@@ -100,4 +116,4 @@ def _check_slot_counts(config, input_ids, given, name) -> None:
         )
 
 
-__all__ = ["check_region_inputs", "image_index_per_row", "vis_slot_index", "vis_targets"]
+__all__ = ["check_region_inputs", "image_index_per_row", "image_index_per_token", "vis_slot_index", "vis_targets"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,11 @@ def _launch(tmp_path, processes, per_device_batch):
     command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     command += [str(SCRIPT), str(output), str(per_device_batch)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "MASTER_PORT": "29533"}
+    with socket.socket() as probe:  # a free port, so parallel runs never collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command[3:3] = ["--main_process_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(output.read_text())

@@ -201,6 +201,7 @@ def test_attention_choice(monkeypatch, cuda, flash, dtype, expected):
 
     monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: flash)
+    monkeypatch.setattr(modeling, "is_flash_attn_4_available", lambda: False)
     assert preferred_attn_implementation(dtype) == expected
 
 
