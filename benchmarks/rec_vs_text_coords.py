@@ -98,7 +98,8 @@ def run_variant(variant, model, processor, train_rows, eval_rows, recipe, steps,
     args = TrainingArguments(
         output_dir=str(output / variant), max_steps=steps, per_device_train_batch_size=recipe.batch_size,
         learning_rate=recipe.learning_rate, warmup_steps=recipe.warmup_steps,
-        lr_scheduler_type=recipe.lr_scheduler_type, weight_decay=recipe.weight_decay,
+        lr_scheduler_type=recipe.lr_scheduler_type, lr_scheduler_kwargs={"min_lr_rate": recipe.min_lr_rate},
+        weight_decay=recipe.weight_decay,
         max_grad_norm=recipe.max_grad_norm, logging_steps=max(steps // 10, 1), save_strategy="no", report_to=[],
         remove_unused_columns=False, use_cpu=True, seed=seed, disable_tqdm=True,
     )  # fmt: skip

@@ -163,15 +163,16 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
 
     def _decode_into_records(self, state, todo):
         hidden = torch.stack([h for _, _, (h, _) in todo])  # (N, D)
-        boxes = self.box_decoder(hidden)  # (N, 4)
-        masks = [None] * len(todo)
+        has_image, features = None, None
         if state.mask_features is not None:
             image_idx = state.sample_image[[sample for _, sample, _ in todo]]  # (N,)
-            has = (image_idx >= 0).nonzero(as_tuple=True)[0]
-            if len(has):
-                decoded = self.mask_decoder(hidden[has], state.mask_features[image_idx[has]])  # (n, S, S)
-                for j, i in enumerate(has.tolist()):
-                    masks[i] = decoded[j]
+            has_image = image_idx >= 0
+            features = state.mask_features[image_idx.clamp(min=0)]  # (N, g*g, C)
+        boxes, decoded = self.decode_regions(hidden, features, has_image, has_image)  # (N, 4), (N_m, S, S)
+        masks = [None] * len(todo)
+        if decoded is not None:
+            for j, i in enumerate(has_image.nonzero(as_tuple=True)[0].tolist()):
+                masks[i] = decoded[j]
         for i, (key, _, (_, score)) in enumerate(todo):
             state.records[key] = (boxes[i], masks[i], score)
 

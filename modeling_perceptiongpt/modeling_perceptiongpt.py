@@ -213,14 +213,17 @@ class PerceptionGPTForConditionalGeneration(
         )
         self.post_init()
 
-    def decode_regions(self, hidden, mask_features=None):
-        """hidden (N, D) states that predict `<vis>` -> boxes (N, 4) normalized xyxy, mask logits (N, S, S) or None.
-        `mask_features` (N, g*g, C) are the fused patches of each state's image (None: no image, no mask)."""
-        boxes = self.box_decoder(hidden)
-        masks = None
-        if mask_features is not None and len(hidden):
-            masks = self.mask_decoder(hidden, mask_features)
-        return boxes, masks
+    def decode_regions(self, hidden, image_features=None, has_image=None, want_masks=None):
+        """Boxes and masks of `<vis>` slots from the states that predict them.
+
+        hidden (N, D); image_features (N, g*g, C) fused patches of each slot's image (any value where `has_image`
+        (N,) is False); want_masks (N,) bool. Returns boxes (N, 4) normalized xyxy and mask logits (N_m, S, S) for
+        the rows `want_masks & has_image` in order, or None when there are none.
+        """
+        has_image = torch.zeros(len(hidden), dtype=torch.bool, device=hidden.device) if has_image is None else has_image
+        want_masks = has_image if want_masks is None else want_masks & has_image
+        masks = self.mask_decoder(hidden[want_masks], image_features[want_masks]) if want_masks.any() else None
+        return self.box_decoder(hidden), masks
 
     def forward(
         self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
@@ -278,21 +281,27 @@ class PerceptionGPTForConditionalGeneration(
             return
         rows, cols, slots, has_box, has_mask = vis_targets(self.config, input_ids, labels, vis_boxes, vis_mask_valid)
         states = hidden[rows, cols - 1]  # (N, D): the states that predict each target `<vis>`
+        image_idx = torch.full_like(rows, -1)
+        features = None
+        if result.image_outputs is not None:
+            # per token, not per row: a packed row holds several samples, each `<vis>` reads its own sample's image
+            config = self.config
+            per_token = image_index_per_token(input_ids, config.image_token_id, config.num_image_tokens)  # (B, T)
+            image_idx = per_token[rows, cols]  # (N,)
+            features = result.image_outputs.mask_features[image_idx.clamp(min=0)]  # (N, g*g, C)
+        has_image = image_idx >= 0
+        want_masks = (has_mask & has_image) if vis_masks is not None else torch.zeros_like(has_mask)
+        boxes, pred_masks = self.decode_regions(states, features, has_image, want_masks)  # (N, 4), (N_m, S, S)
         gt_boxes = vis_boxes.to(hidden.device)[rows[has_box], slots[has_box]].float()  # (N_box, 4)
-        pred_boxes = self.box_decoder(states[has_box])  # (N_box, 4)
+        pred_boxes = boxes[has_box]  # (N_box, 4)
         denom = torch.as_tensor(has_box.sum() if num_vis is None else num_vis, device=hidden.device).clamp(min=1)
         result.box_l1_loss = box_l1_loss_sum(pred_boxes, gt_boxes) / denom
         result.box_giou_loss = box_giou_loss_sum(pred_boxes, gt_boxes) / denom
         result.pred_boxes = pred_boxes
-        if vis_masks is None or result.image_outputs is None or not has_mask.any():
+        if pred_masks is None:
             return
-        # per token, not per row: a packed row holds several samples, each `<vis>` reads its own sample's image
-        config = self.config
-        image_idx = image_index_per_token(input_ids, config.image_token_id, config.num_image_tokens)  # (B, T)
-        features = result.image_outputs.mask_features[image_idx[rows[has_mask], cols[has_mask]]]  # (N_mask, g*g, C)
-        pred_masks = self.mask_decoder(states[has_mask], features)  # (N_mask, S, S)
-        gt_masks = vis_masks.to(hidden.device)[rows[has_mask], slots[has_mask]]  # (N_mask, S, S)
-        denom = torch.as_tensor(has_mask.sum() if num_masks is None else num_masks, device=hidden.device).clamp(min=1)
+        gt_masks = vis_masks.to(hidden.device)[rows[want_masks], slots[want_masks]]  # (N_mask, S, S)
+        denom = torch.as_tensor(want_masks.sum() if num_masks is None else num_masks, device=hidden.device).clamp(min=1)
         result.mask_dice_loss = mask_dice_loss_sum(pred_masks, gt_masks) / denom
         result.mask_bce_loss = mask_bce_loss_sum(pred_masks, gt_masks) / denom
         result.pred_masks = pred_masks

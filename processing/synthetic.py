@@ -84,6 +84,7 @@ class SyntheticConfig:
     size_margin: float = 1.3  # radius ratio separating "biggest" / "smallest"
     colour_jitter: int = 15  # per-object colour offset, below the gap between palette colours
     vary_answer: bool = False  # paraphrase answers too (see templates.build_task_messages)
+    rec_masks: bool = False  # give REC rows their target's mask too: dense supervision for the same `<vis>`
 
     def __post_init__(self):
         for name, allowed in (("shapes", SHAPES), ("colours", tuple(COLOURS)), ("backgrounds", BACKGROUNDS),
@@ -354,7 +355,8 @@ def _make_row(task, level, scene, rng, config):
         return None
     target, expression = found
     messages = build_task_messages(task, expression, seed=template_seed, vary_answer=config.vary_answer)
-    return messages, [target.box_xyxy], [_mask_rle(owner == target.index) if task == "res" else None]
+    with_mask = task == "res" or (task == "rec" and config.rec_masks)
+    return messages, [target.box_xyxy], [_mask_rle(owner == target.index) if with_mask else None]
 
 
 def generate_synthetic_samples(config=None, split="train", num_samples=1000, seed=0, start=0):

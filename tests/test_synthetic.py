@@ -191,3 +191,16 @@ def test_config_validation_and_infeasible_configs():
     crowded = SyntheticConfig(image_size=16, min_objects=6, max_objects=6, sizes=(("big", 0.4, 0.45),), min_visible=1.0)
     with pytest.raises(RuntimeError, match=r"`config` is infeasible"):
         next(generate_synthetic_samples(crowded))
+
+
+def test_rec_masks_option_gives_rec_rows_their_target_mask():
+
+    base = SyntheticConfig(**{**SyntheticConfig.demo().__dict__, "tasks": ("rec",)})
+    dense = SyntheticConfig(**{**base.__dict__, "rec_masks": True})
+    plain = list(generate_synthetic_samples(base, "train", 5, seed=3))
+    rows = list(generate_synthetic_samples(dense, "train", 5, seed=3))
+    for a, b in zip(plain, rows):
+        assert a["masks"] == [None] and a["messages"] == b["messages"] and a["boxes"] == b["boxes"]
+        mask = mask_utils.decode({"size": b["masks"][0]["size"], "counts": b["masks"][0]["counts"].encode()})
+        ys, xs = mask.nonzero()
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == b["boxes"][0]  # the box is the mask's box
