@@ -266,13 +266,13 @@ class PerceptionGPTProcessor(LlavaProcessor):
                     continue
                 box = _validated_box(box, image_size, f"boxes{name}")
                 normalized = boxes_xyxy_pixel_to_normalized(torch.from_numpy(box)[None], geometry)[0].numpy()
-                visible = np.clip(normalized, 0, 1)
+                visible = np.clip(normalized, 0, 1).astype(np.float32)  # checked in the dtype the model gets
                 if visible[2] <= visible[0] or visible[3] <= visible[1]:
                     raise ValueError(
                         f"`boxes{name}` = {box.tolist()} lies outside the part of the image the vision tower sees "
                         f"({self.resize_mode} mode)."
                     )
-                if not np.array_equal(visible, normalized):
+                if not np.array_equal(np.clip(normalized, 0, 1), normalized):
                     warnings.warn(f"`boxes{name}` = {box.tolist()} is partly cropped away; clipped to the visible part")
                 vis_boxes[sample, slot] = visible
         regions = {"vis_boxes": vis_boxes}
