@@ -20,13 +20,11 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import random
 import sys
+import tempfile
 import time
 
-import numpy as np
 import torch
 
 
@@ -69,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--easy-size", type=int, default=4000)
     p.add_argument("--eval-size", type=int, default=200, help="held-out REC rows and RES rows (each)")
     p.add_argument("--eval-batch", type=int, default=50)
-    p.add_argument("--cache-dir", default="/tmp/perceptiongpt_demo_recipe_cache")
+    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "perceptiongpt_demo_recipe_cache"))
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "demo_recipe.json"))
     p.add_argument("--threads", type=int, default=2)
@@ -124,10 +122,10 @@ def model_config(args, vocab_size):
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def synthetic_rows(task, split, n, seed=0, start=0, max_objects=None):
+def synthetic_rows(task, split, n, seed=0, start=0, max_objects=None, rec_masks=False):
     from perceptiongpt.processing.synthetic import SyntheticConfig, generate_synthetic_samples
 
-    config = dataclasses.replace(SyntheticConfig.demo(), tasks=(task,))
+    config = dataclasses.replace(SyntheticConfig.demo(), tasks=(task,), rec_masks=rec_masks)
     if max_objects is not None:  # curriculum: easier scenes
         config = dataclasses.replace(config, min_objects=1, max_objects=max_objects)
     return list(generate_synthetic_samples(config, split, n, seed=seed, start=start))
@@ -136,25 +134,18 @@ def synthetic_rows(task, split, n, seed=0, start=0, max_objects=None):
 def easy_rows(args):
     """Curriculum rows: REC and RES (both with masks) on scenes of 1..--easy-objects objects."""
     n = args.easy_size // 2
-    res = synthetic_rows("res", "train", n, args.seed + 7, max_objects=args.easy_objects)
-    rec = synthetic_rows("rec", "train", n, args.seed + 7, max_objects=args.easy_objects)
-    for rec_row, twin in zip(rec, res):
-        rec_row["masks"] = twin["masks"]
+    rec = synthetic_rows("rec", "train", n, args.seed + 7, max_objects=args.easy_objects, rec_masks=True)
     res_other = synthetic_rows("res", "train", n, args.seed + 7, start=n, max_objects=args.easy_objects)
     return [row for pair in zip(rec, res_other) for row in pair]
 
 
 def train_rows(args):
-    """Alternating REC / RES rows from one index stream. With tasks=(t,) the per-sample generator draws the same
-    scene and expression whatever t is, so a REC row can borrow the mask of its RES twin (`--rec-masks 1`)."""
+    """Alternating REC / RES rows (`--rec-masks 1`: REC rows carry their target's mask too)."""
     n_rec = args.train_size // 2
     n_res = args.train_size - n_rec
-    rec = synthetic_rows("rec", "train", n_rec, args.seed) if n_rec else []
+    rec = synthetic_rows("rec", "train", n_rec, args.seed, rec_masks=bool(args.rec_masks)) if n_rec else []
     # RES rows from a disjoint index range, so no scene appears twice.
     res_rows = synthetic_rows("res", "train", n_res, args.seed, start=n_rec)
-    if args.rec_masks:
-        for rec_row, twin in zip(rec, synthetic_rows("res", "train", n_rec, args.seed)):
-            rec_row["masks"] = twin["masks"]
     rows = []
     for i in range(max(len(rec), len(res_rows))):
         if i < len(rec):
@@ -220,70 +211,6 @@ def batch_from(data, index):
     for key in ("input_ids", "attention_mask", "labels"):
         batch[key] = batch[key][:, :length]
     return batch
-
-
-# ------------------------------------------------------------------------------------------------------ evaluation
-def _prompt(row, image_position):
-    question = row["messages"][0]["content"]
-    image = {"type": "image", "image": row["image"]}
-    text = {"type": "text", "text": question}
-    parts = [image, text] if image_position == "first" else [text, image]
-    return [{"role": "user", "content": parts}]
-
-
-@torch.no_grad()
-def evaluate(model, processor, rows, image_position, batch_size):
-    """Generation-based REC acc@0.5 / RES gIoU over `rows` (one task per row, first answer `<vis>` = target)."""
-    from perceptiongpt.processing.collator import decode_rle
-    from perceptiongpt.processing.metrics import rec_accuracy, res_iou
-
-    model.eval()
-    tokenizer = processor.tokenizer
-    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    box_preds, box_refs, mask_preds, mask_refs, no_vis = [], [], [], [], 0
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            inputs = processor.apply_chat_template(
-                [_prompt(row, image_position) for row in batch], add_generation_prompt=True, tokenize=True,
-                return_dict=True, return_tensors="pt",
-            )  # fmt: skip
-            out = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
-            sizes = [(row["image"].height, row["image"].width) for row in batch]
-            results = processor.post_process_generation(out, image_sizes=sizes,
-                                                        prompt_length=inputs["input_ids"].shape[1])
-            for row, result in zip(batch, results):
-                found = len(result["boxes"]) > 0
-                no_vis += not found
-                if row["task"] == "rec":
-                    box_preds.append(result["boxes"][0].tolist() if found else None)
-                    box_refs.append(list(row["boxes"][0]))
-                else:
-                    has_mask = found and result["masks"] is not None
-                    mask_preds.append(result["masks"][0].numpy() if has_mask else None)
-                    mask_refs.append(decode_rle(row["masks"][0], "masks"))
-    finally:
-        tokenizer.padding_side = old_side
-        model.train()
-    metrics = {"no_vis": no_vis}
-    if box_refs:
-        rec = rec_accuracy(box_preds, box_refs)
-        metrics.update({"rec_acc@0.5": rec["acc@0.5"], "rec_acc@0.75": rec["acc@0.75"], "rec_miou": rec["miou"],
-                        "n_rec": rec["n"]})
-    if mask_refs:
-        res = res_iou(mask_preds, mask_refs)
-        metrics.update({"res_giou": res["giou"], "res_ciou": res["ciou"], "n_res": res["n"]})
-    return metrics
-
-
-def shuffled(rows, seed=0):
-    """Text-blind control: each row keeps its image and target but takes another row's question (a random cycle)."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    out = [dict(row) for row in rows]
-    for source, target in zip(order, order[1:] + order[:1]):
-        out[target]["messages"] = rows[source]["messages"]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -373,22 +300,26 @@ def main(argv=None):
 
     # ---- evaluation by generation (untimed)
     t1 = time.time()
-    rec = evaluate(model, processor, eval_rec, args.image_position, args.eval_batch)
-    res = evaluate(model, processor, eval_res, args.image_position, args.eval_batch)
-    blind = evaluate(model, processor, shuffled(eval_rec), args.image_position, args.eval_batch)
+    from perceptiongpt.trainer import evaluate_grounding, shuffle_expressions
+
+    model.eval()
+    kwargs = dict(batch_size=args.eval_batch, max_new_tokens=8, image_position=args.image_position)
+    evaluation = evaluate_grounding(model, processor, eval_rec + eval_res, **kwargs)
+    metrics = evaluation.metrics
+    blind = evaluate_grounding(model, processor, shuffle_expressions(eval_rec, args.seed), **kwargs).metrics
     result = {
         "steps": args.steps,
         "train_seconds": round(train_seconds, 1),
         "steps_per_second": round(args.steps / train_seconds, 2),
-        "rec_acc@0.5": rec["rec_acc@0.5"],
-        "rec_acc@0.75": rec["rec_acc@0.75"],
-        "rec_miou": round(rec["rec_miou"], 4),
-        "res_giou": round(res["res_giou"], 4),
-        "res_ciou": round(res["res_ciou"], 4),
+        "rec_acc@0.5": metrics["rec_acc@0.5"],
+        "rec_acc@0.75": metrics["rec_acc@0.75"],
+        "rec_miou": round(metrics["rec_miou"], 4),
+        "res_giou": round(metrics["res_giou"], 4),
+        "res_ciou": round(metrics["res_ciou"], 4),
         "rec_acc@0.5_blind": blind["rec_acc@0.5"],
-        "n_eval_rec": rec["n_rec"],
-        "n_eval_res": res["n_res"],
-        "no_vis_rec_res": rec["no_vis"] + res["no_vis"],
+        "n_eval_rec": metrics["n_eval_rec"],
+        "n_eval_res": metrics["n_eval_res"],
+        "no_vis_rec_res": sum(len(p["boxes"]) == 0 for p in evaluation.predictions),
         "eval_seconds": round(time.time() - t1, 1),
         "data_seconds_untimed": round(data_seconds, 1),
         "num_parameters": n_params,
