@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models and hand-built inputs. No network."""
 
 import os
+import textwrap
 
 import pytest
 import torch
@@ -10,6 +11,18 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 torch.set_num_threads(1)
 
 IMAGE, VIS = 4, 5  # SPECIAL_TOKEN_IDS of the tiny preset
+
+# Prepended to subprocess scripts: `import perceptiongpt` fails, so only shipped remote code can load the model.
+BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "perceptiongpt" or name.startswith("perceptiongpt."):
+                raise ImportError("perceptiongpt is blocked in this test")
+    sys.meta_path.insert(0, _Block())
+    """
+)
 
 
 @pytest.fixture

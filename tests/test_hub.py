@@ -22,6 +22,8 @@ from peft import PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
+from conftest import BLOCK_PACKAGE
+
 from perceptiongpt import PerceptionGPTForConditionalGeneration
 from perceptiongpt.hub_cards import TAGS, dataset_card, model_card, retarget_model_card
 from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
@@ -153,18 +155,7 @@ def _demo_folder(model, processor, folder: Path) -> Path:
     return folder
 
 
-_BLOCK_PACKAGE = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "perceptiongpt" or name.startswith("perceptiongpt."):
-                raise ImportError("perceptiongpt is blocked in this test")
-    sys.meta_path.insert(0, _Block())
-    """
-)
-
-_REMOTE = _BLOCK_PACKAGE + textwrap.dedent(
+_REMOTE = BLOCK_PACKAGE + textwrap.dedent(
     """
     import json
     import torch
@@ -189,7 +180,7 @@ _REMOTE = _BLOCK_PACKAGE + textwrap.dedent(
     """
 )
 
-_REMOTE_PICKLED = _BLOCK_PACKAGE + textwrap.dedent(
+_REMOTE_PICKLED = BLOCK_PACKAGE + textwrap.dedent(
     """
     from transformers import AutoModelForImageTextToText
     try:

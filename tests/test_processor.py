@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from conftest import BLOCK_PACKAGE
 from PIL import Image
 
 from perceptiongpt.processing.processing_perceptiongpt import RESIZE_MODES, PerceptionGPTProcessor, build_processor
@@ -296,17 +297,9 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(actual[key], expected[key], equal_nan=True)
 
 
-_REMOTE_SCRIPT = textwrap.dedent(
+_REMOTE_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
     """
     import json, sys
-
-    class BlockPerceptionGPT:
-        def find_spec(self, name, path=None, target=None):
-            if name == "perceptiongpt" or name.startswith("perceptiongpt."):
-                raise ImportError(f"blocked: {name}")
-            return None
-
-    sys.meta_path.insert(0, BlockPerceptionGPT())
     try:
         import perceptiongpt  # noqa: F401
         sys.exit("perceptiongpt must not be importable here")

@@ -9,18 +9,7 @@ import sys
 import textwrap
 
 import torch
-from conftest import make_batch
-
-BLOCK_PACKAGE = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "perceptiongpt" or name.startswith("perceptiongpt."):
-                raise ImportError("perceptiongpt is blocked in this test")
-    sys.meta_path.insert(0, _Block())
-    """
-)
+from conftest import BLOCK_PACKAGE, make_batch
 
 LOAD_AND_RUN = BLOCK_PACKAGE + textwrap.dedent(
     """
