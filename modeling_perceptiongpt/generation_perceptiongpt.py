@@ -136,8 +136,9 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             hidden = outputs.last_hidden_state[:, -1]  # (R, D): states that predict the next token
             vis_prob = outputs.logits[:, -1].float().softmax(-1)[:, self.config.vis_token_id]  # (R,)
             rows = state.last_inputs.shape[0]
+            sequences = state.last_inputs.cpu()  # one device-to-host copy per step, not one per row
             state.pending = {
-                state.key(state.sample_of(r, rows), state.last_inputs[r]): (hidden[r], vis_prob[r]) for r in range(rows)
+                state.key(state.sample_of(r, rows), sequences[r]): (hidden[r], vis_prob[r]) for r in range(rows)
             }
         return model_kwargs
 
