@@ -1,5 +1,7 @@
 """Distribution `perceptiongpt`: the top-level folders map into one namespace (see DESIGN.md, "Layout")."""
+
 from setuptools import setup
+
 
 setup(
     name="perceptiongpt",

@@ -61,15 +61,20 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=400)
     p.add_argument("--image-position", default="after_text", choices=["first", "after_text"])
     p.add_argument("--rec-masks", type=int, default=1, help="1: REC train rows also carry their target's mask")
-    p.add_argument("--curriculum-steps", type=int, default=0,
-                   help="first N steps draw from easy scenes (--easy-objects objects) before the demo scenes")
+    p.add_argument(
+        "--curriculum-steps",
+        type=int,
+        default=0,
+        help="first N steps draw from easy scenes (--easy-objects objects) before the demo scenes",
+    )
     p.add_argument("--easy-objects", type=int, default=1)
     p.add_argument("--easy-size", type=int, default=4000)
     p.add_argument("--eval-size", type=int, default=200, help="held-out REC rows and RES rows (each)")
     p.add_argument("--eval-batch", type=int, default=50)
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "perceptiongpt_demo_recipe_cache"))
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "demo_recipe.json"))
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "demo_recipe.json")
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=250)
     return p.parse_args(argv)
@@ -86,8 +91,9 @@ def model_config(args, vocab_size):
     if args.patch_size is not None:
         vision["patch_size"] = args.patch_size
     if args.vision_hidden is not None:
-        vision.update(hidden_size=args.vision_hidden, intermediate_size=2 * args.vision_hidden,
-                      projection_dim=args.vision_hidden)
+        vision.update(
+            hidden_size=args.vision_hidden, intermediate_size=2 * args.vision_hidden, projection_dim=args.vision_hidden
+        )
     if args.vision_layers is not None:
         vision["num_hidden_layers"] = args.vision_layers
     if args.text_hidden is not None:
@@ -101,9 +107,12 @@ def model_config(args, vocab_size):
         mask["mask_size"] = args.mask_size
     overrides = {
         "text_config": text,
-        "lm_loss_weight": args.lm_weight, "box_l1_weight": args.l1_weight, "box_giou_weight": args.giou_weight,
-        "mask_dice_weight": args.dice_weight, "mask_bce_weight": args.bce_weight,
-    }  # fmt: skip
+        "lm_loss_weight": args.lm_weight,
+        "box_l1_weight": args.l1_weight,
+        "box_giou_weight": args.giou_weight,
+        "mask_dice_weight": args.dice_weight,
+        "mask_bce_weight": args.bce_weight,
+    }
     if vision:
         overrides["vision_config"] = vision
         image_size = vision.get("image_size", base.vision_config.image_size)
@@ -165,8 +174,9 @@ def build_text_stack(args, rows, image_size, patch_size, mask_size):
         question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
         corpus.append(f"USER: {question}\n ASSISTANT: {answer}")
     tokenizer = build_tokenizer("bpe", corpus=corpus, vocab_size=args.vocab_size)
-    processor = build_processor(image_size=image_size, patch_size=patch_size, mask_size=mask_size,
-                                tokenizer=tokenizer, resize_mode="pad")
+    processor = build_processor(
+        image_size=image_size, patch_size=patch_size, mask_size=mask_size, tokenizer=tokenizer, resize_mode="pad"
+    )
     return tokenizer, processor
 
 
@@ -218,16 +228,28 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from perceptiongpt import PerceptionGPTForConditionalGeneration
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from perceptiongpt import PerceptionGPTForConditionalGeneration
 
     # ---- data (untimed)
     t0 = time.time()
     probe = model_config(args, 262)
     image_size, patch_size = probe.vision_config.image_size, probe.vision_config.patch_size
     mask_size = probe.mask_head_config.mask_size
-    key = json.dumps([args.train_size, args.vocab_size, args.image_position, args.rec_masks, args.seed, image_size,
-                      patch_size, mask_size, 2])
+    key = json.dumps(
+        [
+            args.train_size,
+            args.vocab_size,
+            args.image_position,
+            args.rec_masks,
+            args.seed,
+            image_size,
+            patch_size,
+            mask_size,
+            2,
+        ]
+    )
     cache = os.path.join(args.cache_dir, hashlib.md5(key.encode()).hexdigest()[:12] + ".pt")
     rows = None
     if os.path.exists(cache):
@@ -248,8 +270,11 @@ def main(argv=None):
     eval_res = synthetic_rows("res", "test", args.eval_size, start=args.eval_size)
     data_seconds = time.time() - t0
     n_train = data["input_ids"].shape[0]
-    print(f"data: {n_train} train rows, seq len {data['input_ids'].shape[1]}, vocab {len(tokenizer)}, "
-          f"{data_seconds:.1f}s (untimed)", flush=True)
+    print(
+        f"data: {n_train} train rows, seq len {data['input_ids'].shape[1]}, vocab {len(tokenizer)}, "
+        f"{data_seconds:.1f}s (untimed)",
+        flush=True,
+    )
 
     # ---- model
     config = model_config(args, len(tokenizer))
@@ -259,10 +284,12 @@ def main(argv=None):
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, args.warmup, args.steps,
-                                                            min_lr_rate=args.min_lr_ratio)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, args.warmup, args.steps, min_lr_rate=args.min_lr_ratio
+    )
     generator = torch.Generator().manual_seed(args.seed)
 
     # ---- training (timed)
@@ -271,8 +298,9 @@ def main(argv=None):
     start = time.time()
     for step in range(1, args.steps + 1):
         if step <= args.curriculum_steps:
-            batch = batch_from(easy, torch.randint(0, easy["input_ids"].shape[0], (args.batch_size,),
-                                                   generator=generator))
+            batch = batch_from(
+                easy, torch.randint(0, easy["input_ids"].shape[0], (args.batch_size,), generator=generator)
+            )
         else:
             if cursor + args.batch_size > n_train:
                 perm, cursor = torch.randperm(n_train, generator=generator), 0
@@ -291,8 +319,12 @@ def main(argv=None):
         seen += 1
         if step % args.log_every == 0 or step == args.steps:
             elapsed = time.time() - start
-            entry = {"step": step, "seconds": round(elapsed, 1), "lr": scheduler.get_last_lr()[0],
-                     **{k: round(v / seen, 4) for k, v in parts_sum.items()}}
+            entry = {
+                "step": step,
+                "seconds": round(elapsed, 1),
+                "lr": scheduler.get_last_lr()[0],
+                **{k: round(v / seen, 4) for k, v in parts_sum.items()},
+            }
             log.append(entry)
             print(json.dumps(entry), flush=True)
             parts_sum, seen = {}, 0
@@ -327,10 +359,14 @@ def main(argv=None):
         "vocab_size": len(tokenizer),
         "recipe": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
         "config": {
-            "vision": {k: getattr(config.vision_config, k) for k in
-                       ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")},
-            "text": {k: getattr(config.text_config, k) for k in
-                     ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")},
+            "vision": {
+                k: getattr(config.vision_config, k)
+                for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+            },
+            "text": {
+                k: getattr(config.text_config, k)
+                for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            },
             "mask_size": config.mask_head_config.mask_size,
             "fuse_llm_features": config.fuse_llm_features,
             "region_embedding_mode": config.region_embedding_mode,

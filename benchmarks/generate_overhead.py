@@ -21,6 +21,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LogitsProce
 
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 
+
 RESULTS = Path(__file__).parent / "results" / "generate_overhead.json"
 
 
@@ -37,13 +38,24 @@ class ForceToken(LogitsProcessor):
 def build_models():
     config = PerceptionGPTConfig.from_preset(
         "demo",
-        text_config={"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8,
-                     "num_key_value_heads": 8, "vocab_size": 1024},
-    )  # fmt: skip
+        text_config={
+            "hidden_size": 512,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "vocab_size": 1024,
+        },
+    )
     torch.manual_seed(0)
     model = PerceptionGPTForConditionalGeneration(config).eval()
-    llava_config = LlavaConfig(**{k: v for k, v in config.to_dict().items() if k in LlavaConfig.__dataclass_fields__
-                                  and k not in ("model_type",)})  # fmt: skip
+    llava_config = LlavaConfig(
+        **{
+            k: v
+            for k, v in config.to_dict().items()
+            if k in LlavaConfig.__dataclass_fields__ and k not in ("model_type",)
+        }
+    )
     llava = LlavaForConditionalGeneration(llava_config).eval()
     missing, unexpected = llava.load_state_dict(model.state_dict(), strict=False)
     if missing:
@@ -62,8 +74,14 @@ def inputs_for(config, batch):
 def timed(model, inputs, new_tokens, processors):
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             logits_processor=processors, return_dict_in_generate=True)  # fmt: skip
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=processors,
+            return_dict_in_generate=True,
+        )
     elapsed = time.perf_counter() - start
     if out.sequences.shape[1] != inputs["input_ids"].shape[1] + new_tokens:
         raise RuntimeError("generation stopped early")
@@ -80,8 +98,14 @@ def main():
     model, llava, config = build_models()
     force_vis = LogitsProcessorList([ForceToken(config.vis_token_id)])
     block_vis = LogitsProcessorList([ForceToken(7)])  # a fixed ordinary token: same work, no `<vis>`
-    results = {"device": platform.processor() or platform.machine(), "threads": args.threads,
-               "new_tokens": args.new_tokens, "text_hidden": 512, "text_layers": 8, "batches": {}}  # fmt: skip
+    results = {
+        "device": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "new_tokens": args.new_tokens,
+        "text_hidden": 512,
+        "text_layers": 8,
+        "batches": {},
+    }
     for batch in (1, 8):
         inputs = inputs_for(config, batch)
         times = {"llava": [], "pgpt_no_vis": [], "pgpt_vis_every_step": []}
@@ -101,9 +125,12 @@ def main():
             "boxes_decoded_per_run": boxes,
             "raw_seconds": times,
         }
-        print(batch, json.dumps(results["batches"][str(batch)]["median_seconds"]),
-              round(results["batches"][str(batch)]["ratio_no_vis"], 3),
-              round(results["batches"][str(batch)]["ratio_vis_every_step"], 3))  # fmt: skip
+        print(
+            batch,
+            json.dumps(results["batches"][str(batch)]["median_seconds"]),
+            round(results["batches"][str(batch)]["ratio_no_vis"], 3),
+            round(results["batches"][str(batch)]["ratio_vis_every_step"], 3),
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
 

@@ -35,6 +35,7 @@ from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_availa
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 from perceptiongpt.trainer.peft_recipe import count_parameters, lora_config
 
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ATTENTION_KERNEL = re.compile(r"flash|fmha|attn|attention|softmax", re.IGNORECASE)
 IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_4")
@@ -43,9 +44,12 @@ IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_4")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="paper", choices=("paper", "tiny"), help="model layout (default: paper)")
-    parser.add_argument("--implementations", default="auto",
-                        help="comma-separated attention implementations, or 'auto': eager, sdpa, and "
-                             "flash_attention_2/4 when their packages import")  # fmt: skip
+    parser.add_argument(
+        "--implementations",
+        default="auto",
+        help="comma-separated attention implementations, or 'auto': eager, sdpa, and "
+        "flash_attention_2/4 when their packages import",
+    )
     parser.add_argument("--train-batch-size", type=int, default=4, help="rows per training step")
     parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per row after the image block")
     parser.add_argument("--num-vis", type=int, default=2, help="supervised <vis> answers per row (box + mask each)")
@@ -58,10 +62,16 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --dry-run: 1)")
-    parser.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/gpu_<device>.json; "
-                                                        "--dry-run writes only when this is given)")  # fmt: skip
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny preset, 1 warmup + 1 step, batch sizes 1,2, 4 new tokens: checks the script runs")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="JSON path (default: benchmarks/results/gpu_<device>.json; --dry-run writes only when this is given)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny preset, 1 warmup + 1 step, batch sizes 1,2, 4 new tokens: checks the script runs",
+    )
     args = parser.parse_args(argv)
     if args.dry_run:
         args.preset, args.steps, args.warmup, args.new_tokens = "tiny", 1, 1, 4
@@ -85,8 +95,14 @@ def available_implementations(device: str) -> list[str]:
     """eager and sdpa everywhere; the FlashAttention packages only on CUDA, where they run."""
     found = ["eager", "sdpa"]
     if device.startswith("cuda"):
-        found += [name for name, ok in (("flash_attention_2", is_flash_attn_2_available()),
-                                        ("flash_attention_4", is_flash_attn_4_available())) if ok]  # fmt: skip
+        found += [
+            name
+            for name, ok in (
+                ("flash_attention_2", is_flash_attn_2_available()),
+                ("flash_attention_4", is_flash_attn_4_available()),
+            )
+            if ok
+        ]
     return found
 
 
@@ -237,8 +253,9 @@ def run_implementation(args, config, implementation, dtype, force_flash=True):
         "sdpa_flash_backend_forced": implementation == "sdpa" and device.startswith("cuda") and force_flash,
         "parameters": count_parameters(model),
     }
-    batch = _to(training_batch(config, args.train_batch_size, args.text_tokens, args.num_vis, generator),
-                device, dtype)  # fmt: skip
+    batch = _to(
+        training_batch(config, args.train_batch_size, args.text_tokens, args.num_vis, generator), device, dtype
+    )
     lm_only = {k: v for k, v in batch.items() if k not in ("vis_boxes", "vis_masks", "vis_mask_valid")}
     tokens = batch["input_ids"].numel()
     with attention_context(implementation, device, force_flash):
@@ -281,14 +298,23 @@ def _attempt(args, config, implementation, dtype, force_flash=True):
 
 
 def device_info(device):
-    info = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version(),
-            "flash_attention_2_available": bool(is_flash_attn_2_available()),
-            "flash_attention_4_available": bool(is_flash_attn_4_available())}  # fmt: skip
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "flash_attention_2_available": bool(is_flash_attn_2_available()),
+        "flash_attention_4_available": bool(is_flash_attn_4_available()),
+    }
     if device.startswith("cuda"):
         properties = torch.cuda.get_device_properties(device)
-        info.update(name=properties.name, capability=list(torch.cuda.get_device_capability(device)),
-                    memory_gib=round(properties.total_memory / 2**30, 1), cuda=torch.version.cuda)  # fmt: skip
+        info.update(
+            name=properties.name,
+            capability=list(torch.cuda.get_device_capability(device)),
+            memory_gib=round(properties.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
     else:
         info.update(name=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
     return info
@@ -322,8 +348,20 @@ def main(argv=None):
         "dtype": args.dtype,
         "lora": "paper recipe: q,v r=16 alpha=64 dropout 0.1; heads and fusion fully trained; <vis> rows",
         "machine": info,
-        "settings": {key: getattr(args, key) for key in ("train_batch_size", "text_tokens", "num_vis", "steps",
-                     "warmup", "batch_sizes", "prompt_text_tokens", "new_tokens", "seed")},  # fmt: skip
+        "settings": {
+            key: getattr(args, key)
+            for key in (
+                "train_batch_size",
+                "text_tokens",
+                "num_vis",
+                "steps",
+                "warmup",
+                "batch_sizes",
+                "prompt_text_tokens",
+                "new_tokens",
+                "seed",
+            )
+        },
         "implementations": {},
     }
     for implementation in implementations:

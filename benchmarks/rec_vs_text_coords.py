@@ -32,6 +32,7 @@ from perceptiongpt.processing.tokenization_factory import build_tokenizer
 from perceptiongpt.trainer import PerceptionGPTTrainer, count_parameters, evaluate_grounding
 from perceptiongpt.trainer.demo import DemoRecipe
 
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MAX_NEW_TOKENS = {"vis": 8, "text": 40}
@@ -70,9 +71,12 @@ def measure_generation(model, processor, rows, variant, image_position, repeats=
         for _ in range(repeats):
             start_all = time.perf_counter()
             for start in range(0, 8, batch_size):
-                prompts = [collator.conversation(row, i)[:-1] for i, row in enumerate(rows[start : start + batch_size])]
-                inputs = processor.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True, return_tensors="pt")  # fmt: skip
+                prompts = [
+                    collator.conversation(row, i)[:-1] for i, row in enumerate(rows[start : start + batch_size])
+                ]
+                inputs = processor.apply_chat_template(
+                    prompts, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+                )
                 with torch.no_grad():
                     out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS[variant], do_sample=False)
                 if batch_size == 8:
@@ -88,36 +92,63 @@ def run_variant(variant, model, processor, train_rows, eval_rows, recipe, steps,
 
     def accuracy(m):
         was_training = m.training
-        result = evaluate_grounding(m.eval(), processor, eval_rows, batch_size=50,
-                                    max_new_tokens=MAX_NEW_TOKENS[variant], image_position=recipe.image_position,
-                                    coordinate_format=variant)  # fmt: skip
+        result = evaluate_grounding(
+            m.eval(),
+            processor,
+            eval_rows,
+            batch_size=50,
+            max_new_tokens=MAX_NEW_TOKENS[variant],
+            image_position=recipe.image_position,
+            coordinate_format=variant,
+        )
         m.train(was_training)
         return result.metrics["rec_acc@0.5"]
 
     callback = EvaluateEvery(every, accuracy)
     args = TrainingArguments(
-        output_dir=str(output / variant), max_steps=steps, per_device_train_batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate, warmup_steps=recipe.warmup_steps,
-        lr_scheduler_type=recipe.lr_scheduler_type, lr_scheduler_kwargs={"min_lr_rate": recipe.min_lr_rate},
+        output_dir=str(output / variant),
+        max_steps=steps,
+        per_device_train_batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        warmup_steps=recipe.warmup_steps,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        lr_scheduler_kwargs={"min_lr_rate": recipe.min_lr_rate},
         weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm, logging_steps=max(steps // 10, 1), save_strategy="no", report_to=[],
-        remove_unused_columns=False, use_cpu=True, seed=seed, disable_tqdm=True,
-    )  # fmt: skip
-    trainer = PerceptionGPTTrainer(model=model, args=args, train_dataset=encoded, data_collator=collator,
-                                   processing_class=processor, callbacks=[callback])  # fmt: skip
+        max_grad_norm=recipe.max_grad_norm,
+        logging_steps=max(steps // 10, 1),
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+    )
+    trainer = PerceptionGPTTrainer(
+        model=model,
+        args=args,
+        train_dataset=encoded,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[callback],
+    )
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start - callback.eval_seconds
     model.eval()
-    tokens, latency_b1, latency_b8 = measure_generation(model, processor, eval_rows[:8], variant,
-                                                        recipe.image_position)  # fmt: skip
+    tokens, latency_b1, latency_b8 = measure_generation(
+        model, processor, eval_rows[:8], variant, recipe.image_position
+    )
     reached = [step for step, acc in callback.curve if acc >= 0.8]
     return {
-        "acc_curve": callback.curve, "steps_to_0.8": reached[0] if reached else None,
-        "final_acc@0.5": callback.curve[-1][1], "tokens_per_object": tokens, "latency_ms_b1": latency_b1,
-        "latency_ms_b8": latency_b8, "trainable_params": count_parameters(model)["trainable"],
+        "acc_curve": callback.curve,
+        "steps_to_0.8": reached[0] if reached else None,
+        "final_acc@0.5": callback.curve[-1][1],
+        "tokens_per_object": tokens,
+        "latency_ms_b1": latency_b1,
+        "latency_ms_b8": latency_b8,
+        "trainable_params": count_parameters(model)["trainable"],
         "train_seconds": round(train_seconds, 1),
-    }  # fmt: skip
+    }
 
 
 def write_report(result, png, markdown):
@@ -148,18 +179,28 @@ def write_report(result, png, markdown):
         ("training seconds", vis["train_seconds"], text["train_seconds"]),
     ]
     lines = [
-        "# Benchmarks", "", "Generated by `python benchmarks/rec_vs_text_coords.py` from "
-        "`benchmarks/results/rec_vs_text_coords.json`; do not edit by hand.", "",
-        "## `<vis>` embedding vs text coordinates (REC, synthetic, same backbone)", "",
-        f"Config: `{json.dumps(result['config'])}`", "", "| | `<vis>` | text |", "|---|---|---|",
-        *[f"| {name} | {a} | {b} |" for name, a, b in rows], "",
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/rec_vs_text_coords.py` from "
+        "`benchmarks/results/rec_vs_text_coords.json`; do not edit by hand.",
+        "",
+        "## `<vis>` embedding vs text coordinates (REC, synthetic, same backbone)",
+        "",
+        f"Config: `{json.dumps(result['config'])}`",
+        "",
+        "| | `<vis>` | text |",
+        "|---|---|---|",
+        *[f"| {name} | {a} | {b} |" for name, a, b in rows],
+        "",
         f"Steps to 0.8, `<vis>` / text (never reached = the full budget of {budget}): {speed:.2f}. "
         f"Accuracy gap: {100 * (vis['final_acc@0.5'] - text['final_acc@0.5']):+.1f} points. "
         f"Tokens: {text['tokens_per_object'] / max(vis['tokens_per_object'], 1e-9):.1f}x fewer. "
         f"Latency: {text['latency_ms_b1'] / vis['latency_ms_b1']:.2f}x (batch 1), "
-        f"{text['latency_ms_b8'] / vis['latency_ms_b8']:.2f}x (batch 8) lower.", "",
-        "![accuracy curves](../benchmarks/results/rec_vs_text_coords.png)", "",
-    ]  # fmt: skip
+        f"{text['latency_ms_b8'] / vis['latency_ms_b8']:.2f}x (batch 8) lower.",
+        "",
+        "![accuracy curves](../benchmarks/results/rec_vs_text_coords.png)",
+        "",
+    ]
     markdown.write_text("\n".join(lines))
 
 
@@ -178,28 +219,44 @@ def main():
     torch.set_num_threads(recipe.threads)
 
     data = SyntheticConfig(**{**SyntheticConfig.demo().__dict__, "tasks": ("rec",)})
-    train_rows = list(build_synthetic_dataset(data, "train", min(recipe.train_size, steps * recipe.batch_size), args.seed))
+    train_rows = list(
+        build_synthetic_dataset(data, "train", min(recipe.train_size, steps * recipe.batch_size), args.seed)
+    )
     eval_rows = list(build_synthetic_dataset(data, "test", eval_size, args.seed))
     text_probe = build_processor(48, 8, 24, build_tokenizer("char"))  # geometry only, for the corpus
     corpus = template_corpus() + [m["content"] for row in train_rows[:2000] for m in row["messages"]]
     corpus += [row_with_text_coordinates(row, text_probe)["messages"][-1]["content"] for row in train_rows[:2000]]
     tokenizer = build_tokenizer("bpe", corpus=corpus, vocab_size=recipe.tokenizer_vocab_size)
-    config = PerceptionGPTConfig.from_preset("demo", text_config={"vocab_size": len(tokenizer)},
-                                             box_l1_weight=recipe.box_l1_weight,
-                                             box_giou_weight=recipe.box_giou_weight)  # fmt: skip
-    processor = build_processor(config.vision_config.image_size, config.vision_config.patch_size,
-                                config.mask_head_config.mask_size, tokenizer)  # fmt: skip
+    config = PerceptionGPTConfig.from_preset(
+        "demo",
+        text_config={"vocab_size": len(tokenizer)},
+        box_l1_weight=recipe.box_l1_weight,
+        box_giou_weight=recipe.box_giou_weight,
+    )
+    processor = build_processor(
+        config.vision_config.image_size, config.vision_config.patch_size, config.mask_head_config.mask_size, tokenizer
+    )
     set_seed(args.seed)
     initial = PerceptionGPTForConditionalGeneration(config)
-    result = {"config": {"steps": steps, "eval_every": every, "eval_size": eval_size, "seed": args.seed,
-                         "data": "synthetic demo difficulty, REC", "recipe": asdict(recipe),
-                         "threads": recipe.threads, "quick": args.quick}}  # fmt: skip
+    result = {
+        "config": {
+            "steps": steps,
+            "eval_every": every,
+            "eval_size": eval_size,
+            "seed": args.seed,
+            "data": "synthetic demo difficulty, REC",
+            "recipe": asdict(recipe),
+            "threads": recipe.threads,
+            "quick": args.quick,
+        }
+    }
     output = RESULTS / "rec_vs_text_coords_runs"
     for variant in ("vis", "text"):
         print(f"{variant}:", flush=True)
         set_seed(args.seed)
-        result[variant] = run_variant(variant, copy.deepcopy(initial), processor, train_rows, eval_rows, recipe,
-                                      steps, every, args.seed, output)  # fmt: skip
+        result[variant] = run_variant(
+            variant, copy.deepcopy(initial), processor, train_rows, eval_rows, recipe, steps, every, args.seed, output
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "rec_vs_text_coords_quick" if args.quick else "rec_vs_text_coords"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))

@@ -6,7 +6,9 @@ Measures the raw generator (`generate_synthetic_samples`, PIL images in python d
 
     python benchmarks/synthetic_speed.py [--samples 2000] [--repeats 3] [--output benchmarks/results/synthetic_speed.json]
 """
+
 import os
+
 
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_variable] = "1"  # one thread, before numpy loads
@@ -49,17 +51,23 @@ def main():
             "num_samples": num_samples,
             "generator_samples_per_s": _rates(
                 lambda n, seed, c=config: sum(1 for _ in generate_synthetic_samples(c, "train", n, seed)),
-                num_samples, args.repeats),
+                num_samples,
+                args.repeats,
+            ),
             "dataset_samples_per_s": _rates(
-                lambda n, seed, c=config: build_synthetic_dataset(c, "train", n, seed), num_samples, args.repeats),
+                lambda n, seed, c=config: build_synthetic_dataset(c, "train", n, seed), num_samples, args.repeats
+            ),
         }
     report = {
         "benchmark": "synthetic_speed",
         "threads": 1,
         "target_generator_samples_per_s_demo": 500,
         "meets_target": results["demo"]["generator_samples_per_s"]["median"] >= 500,
-        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count()},
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+        },
         "presets": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -10,12 +10,18 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
+
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
 DATASET_TEMPLATE_PATH = Path(__file__).with_name("dataset_card_template.md")
 TAGS = ["custom_code", "image-text-to-text", "visual-grounding", "perceptiongpt"]
 ADAPTER_TAGS = TAGS + ["peft", "lora"]
-DATASET_TAGS = ["visual-grounding", "referring-expression-comprehension", "referring-expression-segmentation",
-                "synthetic", "perceptiongpt"]  # fmt: skip
+DATASET_TAGS = [
+    "visual-grounding",
+    "referring-expression-comprehension",
+    "referring-expression-segmentation",
+    "synthetic",
+    "perceptiongpt",
+]
 
 # metric key (as in the demo's metrics.json and `evaluate_grounding`) -> (task, metric_type, readable name).
 # The order is the order of `model-index`.
@@ -32,9 +38,12 @@ TASK_NAMES = {"rec": "Referring expression comprehension", "res": "Referring exp
 # Reported in the results table only: controls and bookkeeping, not benchmark numbers.
 OTHER_RESULTS = {
     "rec_acc@0.5_blind": "REC Acc@0.5, expressions shuffled across images (control)",
-    "n_eval_rec": "REC samples", "n_eval_res": "RES samples", "steps": "training steps",
-    "train_seconds": "training seconds", "eval_seconds": "evaluation seconds",
-}  # fmt: skip
+    "n_eval_rec": "REC samples",
+    "n_eval_res": "RES samples",
+    "steps": "training steps",
+    "train_seconds": "training seconds",
+    "eval_seconds": "evaluation seconds",
+}
 
 
 def _check_str(value, name: str) -> None:
@@ -52,9 +61,21 @@ def _format(value) -> str:
     return f"{value:.4f}" if math.isfinite(value) else "n/a"
 
 
-def model_card(metrics: Mapping, repo_id: str, dataset_name: str, dataset_type: str, training: str, data: str,
-               split: str = "test", revision: str = "main", base_model: str | None = None, *, adapter: bool = False,
-               datasets: list[str] | None = None, license: str = "apache-2.0") -> ModelCard:  # fmt: skip
+def model_card(
+    metrics: Mapping,
+    repo_id: str,
+    dataset_name: str,
+    dataset_type: str,
+    training: str,
+    data: str,
+    split: str = "test",
+    revision: str = "main",
+    base_model: str | None = None,
+    *,
+    adapter: bool = False,
+    datasets: list[str] | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
     """A filled PerceptionGPT model card.
 
     Args:
@@ -70,32 +91,60 @@ def model_card(metrics: Mapping, repo_id: str, dataset_name: str, dataset_type: 
     """
     if not isinstance(metrics, Mapping):
         raise TypeError(f"`metrics` must be a mapping of metric name to number, got {type(metrics).__name__}.")
-    for value, name in ((repo_id, "repo_id"), (dataset_name, "dataset_name"), (dataset_type, "dataset_type"),
-                        (training, "training"), (data, "data"), (split, "split"), (revision, "revision")):  # fmt: skip
+    for value, name in (
+        (repo_id, "repo_id"),
+        (dataset_name, "dataset_name"),
+        (dataset_type, "dataset_type"),
+        (training, "training"),
+        (data, "data"),
+        (split, "split"),
+        (revision, "revision"),
+    ):
         _check_str(value, name)
     for key in METRICS:
         if key in metrics and not _is_number(metrics[key]):
             raise TypeError(f"`metrics[{key!r}]` must be a number, got {metrics[key]!r}.")
     results = [
-        EvalResult(task_type="image-text-to-text", task_name=TASK_NAMES[task], dataset_type=dataset_type,
-                   dataset_name=dataset_name, dataset_split=split, metric_type=kind, metric_name=name,
-                   metric_value=float(metrics[key]))
+        EvalResult(
+            task_type="image-text-to-text",
+            task_name=TASK_NAMES[task],
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=kind,
+            metric_name=name,
+            metric_value=float(metrics[key]),
+        )
         for key, (task, kind, name) in METRICS.items()
         if key in metrics and math.isfinite(metrics[key])
-    ]  # fmt: skip
+    ]
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
-        library_name="peft" if adapter else "transformers", pipeline_tag="image-text-to-text",
-        tags=list(ADAPTER_TAGS if adapter else TAGS), license=license, model_name=model_name,
-        eval_results=results or None, base_model=base_model, datasets=datasets,
-    )  # fmt: skip
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="image-text-to-text",
+        tags=list(ADAPTER_TAGS if adapter else TAGS),
+        license=license,
+        model_name=model_name,
+        eval_results=results or None,
+        base_model=base_model,
+        datasets=datasets,
+    )
     names = {key: name for key, (_, _, name) in METRICS.items()} | OTHER_RESULTS
     table = [(names.get(key, key), _format(value)) for key, value in metrics.items() if _is_number(value)]
     return ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE_PATH), model_name=model_name, repo_id=repo_id, revision=revision,
-        training=training, data=data, dataset_name=dataset_name, split=split, results=table, adapter=adapter,
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        repo_id=repo_id,
+        revision=revision,
+        training=training,
+        data=data,
+        dataset_name=dataset_name,
+        split=split,
+        results=table,
+        adapter=adapter,
         base_model=base_model,
-    )  # fmt: skip
+    )
 
 
 def retarget_model_card(card: ModelCard, repo_id: str, revision: str = "main") -> ModelCard:
@@ -134,16 +183,24 @@ def _split_stats(name: str, rows, image_size: int) -> dict:
     tasks, boxes, masks = _column(rows, "task"), _column(rows, "boxes"), _column(rows, "masks")
     areas = [(x2 - x1) * (y2 - y1) / image_size**2 for row in boxes for x1, y1, x2, y2 in row]
     return {
-        "split": name, "rows": len(tasks), "tasks": Counter(tasks),
+        "split": name,
+        "rows": len(tasks),
+        "tasks": Counter(tasks),
         "vis_per_row": f"{sum(map(len, boxes)) / max(len(boxes), 1):.2f}",
         "rows_with_masks": sum(any(m is not None for m in row or []) for row in masks),
         "box_area": f"{sum(areas) / len(areas):.3f}" if areas else "n/a",
-    }  # fmt: skip
+    }
 
 
-def dataset_card(splits: Mapping, config, seed: int = 0, repo_id: str | None = None, revision: str = "main",
-                 pretty_name: str = "PerceptionGPT synthetic referring expressions",
-                 license: str = "apache-2.0") -> DatasetCard:  # fmt: skip
+def dataset_card(
+    splits: Mapping,
+    config,
+    seed: int = 0,
+    repo_id: str | None = None,
+    revision: str = "main",
+    pretty_name: str = "PerceptionGPT synthetic referring expressions",
+    license: str = "apache-2.0",
+) -> DatasetCard:
     """A filled dataset card for the embedded synthetic set, with statistics counted on the given rows.
 
     Args:
@@ -175,21 +232,46 @@ def dataset_card(splits: Mapping, config, seed: int = 0, repo_id: str | None = N
     stats = [_split_stats(name, rows, config.image_size) for name, rows in splits.items()]
     total = sum(row["rows"] for row in stats)
     card_data = DatasetCardData(
-        language=["en"], license=license, pretty_name=pretty_name, size_categories=[_size_category(total)],
-        task_categories=["image-text-to-text", "object-detection", "image-segmentation"], tags=list(DATASET_TAGS),
-        annotations_creators=["machine-generated"], language_creators=["machine-generated"],
-        multilinguality=["monolingual"], source_datasets=["original"],
-    )  # fmt: skip
+        language=["en"],
+        license=license,
+        pretty_name=pretty_name,
+        size_categories=[_size_category(total)],
+        task_categories=["image-text-to-text", "object-detection", "image-segmentation"],
+        tags=list(DATASET_TAGS),
+        annotations_creators=["machine-generated"],
+        language_creators=["machine-generated"],
+        multilinguality=["monolingual"],
+        source_datasets=["original"],
+    )
     fields = dataclasses.asdict(config)
     config_repr = "SyntheticConfig(\n" + "".join(f"    {k}={v!r},\n" for k, v in fields.items()) + ")"
     tasks = list(config.tasks) + sorted({t for row in stats for t in row["tasks"]} - set(config.tasks))
     return DatasetCard.from_template(
-        card_data, template_path=str(DATASET_TEMPLATE_PATH), pretty_name=pretty_name, config_repr=config_repr,
-        config_rows=[(k, f"`{v!r}`") for k, v in fields.items()], seed=seed, stats=stats, tasks=tasks,
-        split_sizes=[(row["split"], row["rows"]) for row in stats], image_size=config.image_size,
-        objects=f"{config.min_objects}-{config.max_objects}", repo_id=repo_id, revision=revision,
-    )  # fmt: skip
+        card_data,
+        template_path=str(DATASET_TEMPLATE_PATH),
+        pretty_name=pretty_name,
+        config_repr=config_repr,
+        config_rows=[(k, f"`{v!r}`") for k, v in fields.items()],
+        seed=seed,
+        stats=stats,
+        tasks=tasks,
+        split_sizes=[(row["split"], row["rows"]) for row in stats],
+        image_size=config.image_size,
+        objects=f"{config.min_objects}-{config.max_objects}",
+        repo_id=repo_id,
+        revision=revision,
+    )
 
 
-__all__ = ["ADAPTER_TAGS", "CARD_MARKER", "DATASET_TAGS", "DATASET_TEMPLATE_PATH", "METRICS", "TAGS", "TEMPLATE_PATH",
-           "dataset_card", "model_card", "retarget_model_card"]  # fmt: skip
+__all__ = [
+    "ADAPTER_TAGS",
+    "CARD_MARKER",
+    "DATASET_TAGS",
+    "DATASET_TEMPLATE_PATH",
+    "METRICS",
+    "TAGS",
+    "TEMPLATE_PATH",
+    "dataset_card",
+    "model_card",
+    "retarget_model_card",
+]

@@ -16,6 +16,7 @@ from .modeling_perceptiongpt import (
 )
 from .processing.processing_perceptiongpt import PerceptionGPTProcessor
 
+
 AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_ok=True)
 AutoModelForImageTextToText.register(PerceptionGPTConfig, PerceptionGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PerceptionGPTConfig, PerceptionGPTProcessor, exist_ok=True)

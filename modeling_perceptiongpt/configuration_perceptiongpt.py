@@ -61,9 +61,17 @@ class MaskHeadConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         _check_positive(
-            self, "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_dim", "attention_downsample_rate",
-            "upsample_channels", "mask_size", "encoder_channels", "encoder_num_layers",
-        )  # fmt: skip
+            self,
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "mlp_dim",
+            "attention_downsample_rate",
+            "upsample_channels",
+            "mask_size",
+            "encoder_channels",
+            "encoder_num_layers",
+        )
         if self.num_upsample_layers < 0:
             raise ValueError(f"`num_upsample_layers` must be >= 0, got {self.num_upsample_layers}.")
         inner = self.hidden_size // self.attention_downsample_rate
@@ -126,7 +134,9 @@ class PerceptionGPTConfig(LlavaConfig):
         vocab = self.text_config.vocab_size
         for name in ("vis_token_id", "image_token_id"):
             if not 0 <= getattr(self, name) < vocab:
-                raise ValueError(f"`{name}` must be in [0, {vocab}) (text_config.vocab_size), got {getattr(self, name)}.")
+                raise ValueError(
+                    f"`{name}` must be in [0, {vocab}) (text_config.vocab_size), got {getattr(self, name)}."
+                )
         if self.vis_token_id == self.image_token_id:
             raise ValueError(f"`vis_token_id` and `image_token_id` must differ, both are {self.vis_token_id}.")
 
@@ -160,14 +170,26 @@ def _small_preset(image_size, patch_size, vision_hidden, vision_layers, text_hid
     grid = image_size // patch_size
     return {
         "vision_config": {
-            "model_type": "clip_vision_model", "image_size": image_size, "patch_size": patch_size,
-            "hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden, "num_hidden_layers": vision_layers,
-            "num_attention_heads": heads, "projection_dim": vision_hidden,
+            "model_type": "clip_vision_model",
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": heads,
+            "projection_dim": vision_hidden,
         },
         "text_config": {
-            "model_type": "llama", "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden,
-            "num_hidden_layers": text_layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-            "vocab_size": 262, "max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": 1,
+            "model_type": "llama",
+            "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "vocab_size": 262,
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
             "eos_token_id": 2,
         },
         "image_token_id": SPECIAL_TOKEN_IDS["<image>"],
@@ -176,26 +198,54 @@ def _small_preset(image_size, patch_size, vision_hidden, vision_layers, text_hid
         "vision_feature_layer": -1,
         "box_head_config": box,
         "mask_head_config": mask,
-    }  # fmt: skip
+    }
 
 
 _PRESETS = {
     # Seconds on CPU: 16 px images, 4x4 patch grid, 2-layer towers. Vocab = byte-level tokenizer (256 + 6 specials).
     "tiny": _small_preset(
-        16, 4, 32, 2, 32, 2, 2,
+        image_size=16,
+        patch_size=4,
+        vision_hidden=32,
+        vision_layers=2,
+        text_hidden=32,
+        text_layers=2,
+        heads=2,
         box={"hidden_size": 32, "num_layers": 3},
-        mask={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "mlp_dim": 64,
-              "num_upsample_layers": 2, "upsample_channels": 8, "mask_size": 16, "encoder_channels": 8,
-              "encoder_num_layers": 2},
-    ),  # fmt: skip
+        mask={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "mlp_dim": 64,
+            "num_upsample_layers": 2,
+            "upsample_channels": 8,
+            "mask_size": 16,
+            "encoder_channels": 8,
+            "encoder_num_layers": 2,
+        },
+    ),
     # Learns grounding on 2 CPU cores in minutes: 48 px images, 6x6 patches. The demo sets vocab_size from its tokenizer.
     "demo": _small_preset(
-        48, 8, 96, 4, 128, 4, 4,
+        image_size=48,
+        patch_size=8,
+        vision_hidden=96,
+        vision_layers=4,
+        text_hidden=128,
+        text_layers=4,
+        heads=4,
         box={"hidden_size": 128, "num_layers": 3},
-        mask={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "mlp_dim": 128,
-              "num_upsample_layers": 2, "upsample_channels": 16, "mask_size": 24, "encoder_channels": 16,
-              "encoder_num_layers": 3},
-    ),  # fmt: skip
+        mask={
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "mlp_dim": 128,
+            "num_upsample_layers": 2,
+            "upsample_channels": 16,
+            "mask_size": 24,
+            "encoder_channels": 16,
+            "encoder_num_layers": 3,
+        },
+    ),
     # The paper's heads and loss weights on the llava-hf/llava-1.5-7b-hf layout (CLIP-L/14-336, 2-layer projector,
     # Vicuna-7B). Deviations from the paper's LLaVA-v1 base are listed in the README.
     "paper": {
@@ -206,9 +256,16 @@ _PRESETS = {
         "fuse_llm_features": True,
         "region_embedding_mode": "replace",
         "box_head_config": {"hidden_size": 512, "num_layers": 3},
-        "mask_head_config": {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 8, "mlp_dim": 2048,
-                             "num_upsample_layers": 3, "upsample_channels": 128, "mask_size": 256},
-    },  # fmt: skip
+        "mask_head_config": {
+            "hidden_size": 1024,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "mlp_dim": 2048,
+            "num_upsample_layers": 3,
+            "upsample_channels": 128,
+            "mask_size": 256,
+        },
+    },
 }
 
 

@@ -86,12 +86,16 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         config = generation_config if generation_config is not None else self.generation_config
         for name, mode in _UNSUPPORTED.items():
             if kwargs.get(name) is not None or getattr(config, name, None) is not None:
-                raise ValueError(f"PerceptionGPT generate() does not support {mode} (`{name}` was set): every "
-                                 "`<vis>` must be decoded and fed back one step at a time.")  # fmt: skip
+                raise ValueError(
+                    f"PerceptionGPT generate() does not support {mode} (`{name}` was set): every "
+                    "`<vis>` must be decoded and fed back one step at a time."
+                )
         cache_impl = kwargs.get("cache_implementation", config.cache_implementation)
         if cache_impl is not None and "paged" in str(cache_impl):
-            raise ValueError(f"PerceptionGPT generate() does not support `cache_implementation={cache_impl!r}`: "
-                             "continuous batching cannot feed decoded boxes back.")  # fmt: skip
+            raise ValueError(
+                f"PerceptionGPT generate() does not support `cache_implementation={cache_impl!r}`: "
+                "continuous batching cannot feed decoded boxes back."
+            )
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is None:
             raise ValueError("PerceptionGPT generate() needs `input_ids` to find the `<vis>` tokens, got None.")
@@ -99,18 +103,35 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(SuppressTokenLogitsProcessor(self.config.image_token_id))
         out = super().generate(
-            inputs=inputs, generation_config=generation_config, logits_processor=processors,
-            perception_state=state, **kwargs,
-        )  # fmt: skip
+            inputs=inputs,
+            generation_config=generation_config,
+            logits_processor=processors,
+            perception_state=state,
+            **kwargs,
+        )
         if not isinstance(out, (GenerateDecoderOnlyOutput, GenerateBeamDecoderOnlyOutput)):
             return out
         fields = self._collect_generated_regions(out.sequences, state)
-        cls = PerceptionGPTBeamGenerateOutput if isinstance(out, GenerateBeamDecoderOnlyOutput) else PerceptionGPTGenerateOutput
+        cls = (
+            PerceptionGPTBeamGenerateOutput
+            if isinstance(out, GenerateBeamDecoderOnlyOutput)
+            else PerceptionGPTGenerateOutput
+        )
         return cls(**out, **fields)
 
-    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, perception_state=None,
-                                      vis_boxes=None, vis_masks=None, vis_mask_valid=None, **kwargs):  # fmt: skip
-        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        is_first_iteration=False,
+        perception_state=None,
+        vis_boxes=None,
+        vis_masks=None,
+        vis_mask_valid=None,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
+        )
         state = perception_state
         use_cache = kwargs.get("use_cache", True)
         if state is None:  # a plain forward-style call outside generate()
@@ -219,8 +240,14 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             positions = positions[positions >= state.prompt_length]
             records = [state.records[state.key(sample, sequences[r, : p + 1])] for p in positions.tolist()]
             fields["vis_positions"].append(positions)
-            fields["pred_boxes"].append(torch.stack([b for b, _, _ in records]) if records else sequences.new_zeros((0, 4), dtype=torch.float32))
-            fields["vis_scores"].append(torch.stack([s for _, _, s in records]) if records else sequences.new_zeros(0, dtype=torch.float32))
+            fields["pred_boxes"].append(
+                torch.stack([b for b, _, _ in records])
+                if records
+                else sequences.new_zeros((0, 4), dtype=torch.float32)
+            )
+            fields["vis_scores"].append(
+                torch.stack([s for _, _, s in records]) if records else sequences.new_zeros(0, dtype=torch.float32)
+            )
             has_image = state.mask_features is not None and int(state.sample_image[sample]) >= 0
             if not has_image:
                 fields["pred_masks"].append(None)

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaPreTrainedModel,
 )
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 
 from .configuration_perceptiongpt import PerceptionGPTConfig
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
@@ -180,9 +180,15 @@ class PerceptionGPTModel(PerceptionGPTPreTrainedModel, LlavaModel):
         return inputs_embeds.index_put((rows[has], cols[has]), region[has])
 
     def forward(
-        self, input_ids=None, inputs_embeds=None, vis_boxes=None, vis_masks=None, vis_mask_valid=None,
-        vis_is_target=None, **kwargs,
-    ):  # fmt: skip
+        self,
+        input_ids=None,
+        inputs_embeds=None,
+        vis_boxes=None,
+        vis_masks=None,
+        vis_mask_valid=None,
+        vis_is_target=None,
+        **kwargs,
+    ):
         """LlavaModel.forward plus region embeddings. `vis_is_target` (B, T) bool marks supervised answer `<vis>`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
@@ -220,16 +226,31 @@ class PerceptionGPTForConditionalGeneration(
         (N,) is False); want_masks (N,) bool. Returns boxes (N, 4) normalized xyxy and mask logits (N_m, S, S) for
         the rows `want_masks & has_image` in order, or None when there are none.
         """
-        has_image = torch.zeros(len(hidden), dtype=torch.bool, device=hidden.device) if has_image is None else has_image
+        has_image = (
+            torch.zeros(len(hidden), dtype=torch.bool, device=hidden.device) if has_image is None else has_image
+        )
         want_masks = has_image if want_masks is None else want_masks & has_image
         masks = self.mask_decoder(hidden[want_masks], image_features[want_masks]) if want_masks.any() else None
         return self.box_decoder(hidden), masks
 
     def forward(
-        self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, cache=None,
-        inputs_embeds=None, labels=None, logits_to_keep=0, mm_encoder_outputs=None, vis_boxes=None, vis_masks=None,
-        vis_mask_valid=None, num_vis_in_batch=None, num_masks_in_batch=None, **kwargs,
-    ):  # fmt: skip
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        logits_to_keep=0,
+        mm_encoder_outputs=None,
+        vis_boxes=None,
+        vis_masks=None,
+        vis_mask_valid=None,
+        num_vis_in_batch=None,
+        num_masks_in_batch=None,
+        **kwargs,
+    ):
         """LLaVA forward with regions in and named losses out.
 
         vis_boxes (B, K, 4) normalized xyxy, NaN = absent; vis_masks (B, K, S, S) bool with vis_mask_valid (B, K).
@@ -243,24 +264,46 @@ class PerceptionGPTForConditionalGeneration(
             vis_is_target = labels == self.config.vis_token_id  # (B, T)
             vis_is_target[:, 0] = False  # nothing predicts position 0
         outputs = self.model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs, vis_boxes=vis_boxes,
-            vis_masks=vis_masks, vis_mask_valid=vis_mask_valid, vis_is_target=vis_is_target, **kwargs,
-        )  # fmt: skip
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            vis_boxes=vis_boxes,
+            vis_masks=vis_masks,
+            vis_mask_valid=vis_mask_valid,
+            vis_is_target=vis_is_target,
+            **kwargs,
+        )
         hidden = outputs.last_hidden_state  # (B, T, D)
         kept_hidden = slice_logits_to_keep(hidden, logits_to_keep)
         logits = self.lm_head(kept_hidden)
         result = PerceptionGPTCausalLMOutput(
-            logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            image_outputs=outputs.image_outputs, last_hidden_state=kept_hidden,
-        )  # fmt: skip
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            last_hidden_state=kept_hidden,
+        )
         if labels is None:
             return result
         result.lm_loss = self.loss_function(
             logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
         )
-        self._perception_losses(result, hidden, input_ids, labels, vis_boxes, vis_masks, vis_mask_valid,
-                                num_vis_in_batch, num_masks_in_batch)  # fmt: skip
+        self._perception_losses(
+            result,
+            hidden,
+            input_ids,
+            labels,
+            vis_boxes,
+            vis_masks,
+            vis_mask_valid,
+            num_vis_in_batch,
+            num_masks_in_batch,
+        )
         config = self.config
         result.loss = (
             config.lm_loss_weight * result.lm_loss
@@ -301,7 +344,9 @@ class PerceptionGPTForConditionalGeneration(
         if pred_masks is None:
             return
         gt_masks = vis_masks.to(hidden.device)[rows[want_masks], slots[want_masks]]  # (N_mask, S, S)
-        denom = torch.as_tensor(want_masks.sum() if num_masks is None else num_masks, device=hidden.device).clamp(min=1)
+        denom = torch.as_tensor(want_masks.sum() if num_masks is None else num_masks, device=hidden.device).clamp(
+            min=1
+        )
         result.mask_dice_loss = mask_dice_loss_sum(pred_masks, gt_masks) / denom
         result.mask_bce_loss = mask_bce_loss_sum(pred_masks, gt_masks) / denom
         result.pred_masks = pred_masks

@@ -12,10 +12,12 @@ Protocols (DESIGN.md, "Evaluation"); every box is pixel xyxy on the original ima
 
 With no samples every score is 0.0 and "n" is 0, so that an evaluation split without a task still reports.
 """
+
 import os
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+
 
 METRIC_MODULES = ("rec_accuracy", "res_iou", "multi_object_f1")
 

@@ -170,7 +170,7 @@ class PerceptionGPTProcessor(LlavaProcessor):
 
     @property
     def resize_mode(self) -> str:
-        """"pad" (pad to square, then resize), "center_crop" (resize the short side, then crop) or "resize"."""
+        """ "pad" (pad to square, then resize), "center_crop" (resize the short side, then crop) or "resize"."""
         if getattr(self.image_processor, "do_pad", False):
             return "pad"
         return "center_crop" if self.image_processor.do_center_crop else "resize"
@@ -273,7 +273,9 @@ class PerceptionGPTProcessor(LlavaProcessor):
                         f"({self.resize_mode} mode)."
                     )
                 if not np.array_equal(np.clip(normalized, 0, 1), normalized):
-                    warnings.warn(f"`boxes{name}` = {box.tolist()} is partly cropped away; clipped to the visible part")
+                    warnings.warn(
+                        f"`boxes{name}` = {box.tolist()} is partly cropped away; clipped to the visible part"
+                    )
                 vis_boxes[sample, slot] = visible
         regions = {"vis_boxes": vis_boxes}
         if with_masks:
@@ -318,8 +320,12 @@ class PerceptionGPTProcessor(LlavaProcessor):
                 "`outputs` must be the PerceptionGPT generate output with `sequences` and `pred_boxes` (call generate "
                 f"with return_dict_in_generate=True), got {type(outputs).__name__}."
             )
-        if not all(isinstance(size, (list, tuple, torch.Tensor, np.ndarray)) and len(size) == 2 for size in image_sizes):
-            raise TypeError(f"`image_sizes` must be a list of (H, W) pairs, one per input sample, got {image_sizes!r}.")
+        if not all(
+            isinstance(size, (list, tuple, torch.Tensor, np.ndarray)) and len(size) == 2 for size in image_sizes
+        ):
+            raise TypeError(
+                f"`image_sizes` must be a list of (H, W) pairs, one per input sample, got {image_sizes!r}."
+            )
         rows, samples = sequences.shape[0], len(image_sizes)
         if samples == 0 or rows % samples:
             raise ValueError(f"`image_sizes` must have one (H, W) per sample, dividing {rows} rows, got {samples}.")

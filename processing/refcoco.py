@@ -12,6 +12,7 @@ Boxes are converted from COCO xywh to pixel xyxy. Masks are given for task "res"
 str counts, built from polygons (merged, like refer's getMask) or RLE segmentations; "rec" rows have null masks.
 Split names follow the papers: train, val, testA, testB (RefCOCO, RefCOCO+) and test (RefCOCOg umd).
 """
+
 import glob
 import io
 import json
@@ -26,6 +27,7 @@ from pycocotools import mask as mask_utils
 
 from .synthetic import GROUNDING_FEATURES
 from .templates import build_task_messages
+
 
 REFER_SPLITS = ("train", "val", "testA", "testB", "test")
 REFER_TASKS = ("rec", "res")
@@ -176,6 +178,10 @@ def load_refcoco_parquet(parquet_files, split="val", refs_file=None, task="rec")
 
 
 __all__ = [
-    "REFER_SPLITS", "REFER_TASKS", "box_xywh_to_xyxy", "load_refcoco_parquet", "load_refcoco_refer",
+    "REFER_SPLITS",
+    "REFER_TASKS",
+    "box_xywh_to_xyxy",
+    "load_refcoco_parquet",
+    "load_refcoco_refer",
     "segmentation_to_rle",
 ]

@@ -17,6 +17,7 @@ Rows follow DESIGN.md ("Data"): rec/res/reg get one `<vis>`, multi one per match
 (box x1, then y1), caption one per object. Masks (RLE) are given for res only; rec, reg and multi supervise
 boxes, so their masks are null. Every sample draws from its own generator seeded by (seed, split, index).
 """
+
 import functools
 import math
 from dataclasses import dataclass
@@ -28,9 +29,16 @@ from pycocotools import mask as mask_utils
 
 from .templates import build_task_messages
 
+
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 205, 35),
-    "purple": (140, 60, 190), "orange": (245, 135, 30), "cyan": (40, 200, 210), "pink": (240, 120, 185),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 205, 35),
+    "purple": (140, 60, 190),
+    "orange": (245, 135, 30),
+    "cyan": (40, 200, 210),
+    "pink": (240, 120, 185),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 BACKGROUNDS = ("noise", "gradient", "stripes")
@@ -87,16 +95,23 @@ class SyntheticConfig:
     rec_masks: bool = False  # give REC rows their target's mask too: dense supervision for the same `<vis>`
 
     def __post_init__(self):
-        for name, allowed in (("shapes", SHAPES), ("colours", tuple(COLOURS)), ("backgrounds", BACKGROUNDS),
-                              ("levels", LEVELS), ("tasks", TASKS)):
+        for name, allowed in (
+            ("shapes", SHAPES),
+            ("colours", tuple(COLOURS)),
+            ("backgrounds", BACKGROUNDS),
+            ("levels", LEVELS),
+            ("tasks", TASKS),
+        ):
             values = getattr(self, name)
             if not values or not set(values) <= set(allowed):
                 raise ValueError(f"`{name}` must be a non-empty subset of {allowed}, got {values!r}")
         if self.image_size < 16:
             raise ValueError(f"`image_size` must be >= 16, got {self.image_size}")
         if not 1 <= self.min_objects <= self.max_objects <= len(_ORDINALS):
-            raise ValueError(f"`min_objects` and `max_objects` must satisfy 1 <= min <= max <= {len(_ORDINALS)}, "
-                             f"got {self.min_objects} and {self.max_objects}")
+            raise ValueError(
+                f"`min_objects` and `max_objects` must satisfy 1 <= min <= max <= {len(_ORDINALS)}, "
+                f"got {self.min_objects} and {self.max_objects}"
+            )
         if not self.sizes or any(not 0 < low <= high < 0.5 for _, low, high in self.sizes):
             raise ValueError(f"`sizes` must be (name, low, high) with 0 < low <= high < 0.5, got {self.sizes!r}")
         if not 0 < self.min_visible <= 1:
@@ -105,9 +120,17 @@ class SyntheticConfig:
     @classmethod
     def demo(cls):
         """The CPU demo: 64 px, 3-5 objects, attribute expressions only (colour, shape or size)."""
-        return cls(image_size=64, min_objects=3, max_objects=5, shapes=("circle", "square", "triangle"),
-                   colours=("red", "green", "blue", "yellow"), sizes=(("small", 0.08, 0.1), ("large", 0.15, 0.19)),
-                   backgrounds=("noise", "gradient"), levels=("attribute",), min_visible=0.7)
+        return cls(
+            image_size=64,
+            min_objects=3,
+            max_objects=5,
+            shapes=("circle", "square", "triangle"),
+            colours=("red", "green", "blue", "yellow"),
+            sizes=(("small", 0.08, 0.1), ("large", 0.15, 0.19)),
+            backgrounds=("noise", "gradient"),
+            levels=("attribute",),
+            min_visible=0.7,
+        )
 
     @classmethod
     def hard(cls):
@@ -171,8 +194,11 @@ def _resolve(query, objects, position_margin_px, size_margin):
         if len(ordered) < query.k:
             return []
         target_value = _rank_value(ordered[query.k - 1], query.rank_axis)
-        if any(abs(_rank_value(o, query.rank_axis) - target_value) < margin
-               for i, o in enumerate(ordered) if i != query.k - 1):
+        if any(
+            abs(_rank_value(o, query.rank_axis) - target_value) < margin
+            for i, o in enumerate(ordered)
+            if i != query.k - 1
+        ):
             return None
         candidates = [ordered[query.k - 1]]
     return [o.index for o in candidates]
@@ -213,7 +239,9 @@ def _propose(level, target, objects, rng, config):
     if level == "position":
         axis = ("x", "y", "size")[rng.integers(3)]
         exclude = ("size",) if axis == "size" else ()
-        return _Query(_random_attrs(target, rng, False, exclude), rank_axis=axis, descending=bool(rng.integers(2)), k=1)
+        return _Query(
+            _random_attrs(target, rng, False, exclude), rank_axis=axis, descending=bool(rng.integers(2)), k=1
+        )
     if level == "ordinal":
         attrs, axis, descending = _random_attrs(target, rng, False), ("x", "y")[rng.integers(2)], bool(rng.integers(2))
         ordered = sorted(_matching(objects, attrs), key=lambda o: _rank_value(o, axis), reverse=descending)
@@ -346,8 +374,9 @@ def _make_row(task, level, scene, rng, config):
             matches = _reading_order(_matching(objects, attrs))
             if len(matches) >= 2:
                 expression = _noun_phrase(attrs, plural=True, article="")
-                messages = build_task_messages("multi", expression, n_objects=len(matches), seed=template_seed,
-                                               vary_answer=config.vary_answer)
+                messages = build_task_messages(
+                    "multi", expression, n_objects=len(matches), seed=template_seed, vary_answer=config.vary_answer
+                )
                 return messages, [o.box_xyxy for o in matches], [None] * len(matches)
         return None
     found = _find_expression(level, objects, rng, config)
@@ -382,8 +411,13 @@ def generate_synthetic_samples(config=None, split="train", num_samples=1000, see
                 f"(too many or too large objects for image_size={config.image_size}, or too few attributes)"
             )
         messages, boxes_xyxy, masks = made
-        yield {"image": Image.fromarray(scene[0]), "task": task, "messages": messages,
-               "boxes": [list(box) for box in boxes_xyxy], "masks": masks}
+        yield {
+            "image": Image.fromarray(scene[0]),
+            "task": task,
+            "messages": messages,
+            "boxes": [list(box) for box in boxes_xyxy],
+            "masks": masks,
+        }
 
 
 def build_synthetic_dataset(config=None, split="train", num_samples=1000, seed=0):
@@ -399,6 +433,15 @@ def build_synthetic_splits(config=None, train_size=1000, validation_size=200, te
 
 
 __all__ = [
-    "BACKGROUNDS", "COLOURS", "GROUNDING_FEATURES", "LEVELS", "SHAPES", "SPLITS", "TASKS", "SyntheticConfig",
-    "build_synthetic_dataset", "build_synthetic_splits", "generate_synthetic_samples",
+    "BACKGROUNDS",
+    "COLOURS",
+    "GROUNDING_FEATURES",
+    "LEVELS",
+    "SHAPES",
+    "SPLITS",
+    "TASKS",
+    "SyntheticConfig",
+    "build_synthetic_dataset",
+    "build_synthetic_splits",
+    "generate_synthetic_samples",
 ]

@@ -7,6 +7,7 @@ the dataset schema of DESIGN.md ("Data"): `{"role", "content": str}`, `<vis>` in
 
 import random
 
+
 VIS_TOKEN = "<vis>"
 
 # Vicuna v1 (LLaVA-1.5) layout: "[system ]USER: <parts> ASSISTANT: <answer></s>USER: ... ASSISTANT:".
@@ -134,7 +135,9 @@ def build_task_messages(
     answer_template = rng.choice(spec["answers"]) if vary_answer else spec["answers"][0]
     if task == "caption":
         if isinstance(expression, str) or not all(isinstance(phrase, str) and phrase for phrase in expression):
-            raise TypeError(f"`expression` must be a list of non-empty phrases for task 'caption', got {expression!r}.")
+            raise TypeError(
+                f"`expression` must be a list of non-empty phrases for task 'caption', got {expression!r}."
+            )
         phrases = [f"{phrase} {VIS_TOKEN}" for phrase in expression]
         answer = _fill(answer_template, ", ".join(phrases), "") if phrases else spec["none"]
         return [{"role": "user", "content": question_template}, {"role": "assistant", "content": answer}]

@@ -10,6 +10,7 @@ import torch
 
 from .region_geometry import boxes_xyxy_normalized_to_pixel, boxes_xyxy_pixel_to_normalized
 
+
 COORDINATE_FORMATS = ("vis", "text")
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 BOX_TEXT_PATTERN = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")

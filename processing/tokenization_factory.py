@@ -11,7 +11,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 
-PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN, VIS_TOKEN = "<pad>", "<s>", "</s>", "<unk>", "<image>", "<vis>"
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN, VIS_TOKEN = (
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<image>",
+    "<vis>",
+)
 # Order = id: the presets' `pad_token_id`, `bos_token_id`, `eos_token_id`, `image_token_id`, `vis_token_id`.
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN, VIS_TOKEN)
 SPECIAL_TOKEN_IDS = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
@@ -36,7 +43,9 @@ def _finish(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     )
     for token, expected_id in SPECIAL_TOKEN_IDS.items():
         if tokenizer.token_to_id(token) != expected_id:
-            raise ValueError(f"Special token {token!r} must have id {expected_id}, got {tokenizer.token_to_id(token)}.")
+            raise ValueError(
+                f"Special token {token!r} must have id {expected_id}, got {tokenizer.token_to_id(token)}."
+            )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,

@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import torch
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 torch.set_num_threads(1)

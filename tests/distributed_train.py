@@ -22,13 +22,29 @@ def main(output, per_device_batch):
     torch.manual_seed(0)
     model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
     args = TrainingArguments(
-        output_dir=output + ".out", max_steps=3, per_device_train_batch_size=per_device_batch, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, seed=0,
-        disable_tqdm=True, lr_scheduler_type="constant", optim="sgd", dataloader_drop_last=True,
+        output_dir=output + ".out",
+        max_steps=3,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        dataloader_drop_last=True,
         ddp_find_unused_parameters=True,
-    )  # fmt: skip
-    trainer = PerceptionGPTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor,
-                                   data_collator=DataCollatorForPerceptionGPT(processor))  # fmt: skip
+    )
+    trainer = PerceptionGPTTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        processing_class=processor,
+        data_collator=DataCollatorForPerceptionGPT(processor),
+    )
     trainer.train()
     if trainer.is_world_process_zero():
         logs = [{k: e[k] for k in ("loss", *LOSS_PARTS)} for e in trainer.state.log_history if "loss" in e]

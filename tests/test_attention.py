@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import make_batch
 
 import perceptiongpt.modeling_perceptiongpt as modeling
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 from perceptiongpt.modeling_perceptiongpt import preferred_attn_implementation
 
-from conftest import make_batch
 
 needs_fa4_selection = pytest.mark.skipif(
     not hasattr(modeling, "is_flash_attn_4_available"),

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import make_batch
 
 import perceptiongpt.modeling_perceptiongpt as modeling
 from perceptiongpt import PerceptionGPTForConditionalGeneration
@@ -10,7 +11,6 @@ from perceptiongpt.processing.processing_perceptiongpt import build_processor
 from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
 from perceptiongpt.processing.tokenization_factory import build_tokenizer
 
-from conftest import make_batch
 
 # `mask_decoder.position_encoding` is a non-persistent buffer: `from_pretrained` leaves it as uninitialized memory
 # unless `_init_weights` recomputes it (issue 9 patch; the patched module imports `sine_position_encoding_2d`).

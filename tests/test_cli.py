@@ -10,8 +10,19 @@ from PIL import Image
 from perceptiongpt.trainer.cli import main
 from perceptiongpt.trainer.demo import DemoRecipe, run_demo
 
-METRIC_KEYS = {"rec_acc@0.5", "rec_acc@0.5_blind", "rec_miou", "res_ciou", "res_giou", "steps", "train_seconds",
-               "eval_seconds", "n_eval_rec", "n_eval_res"}  # fmt: skip
+
+METRIC_KEYS = {
+    "rec_acc@0.5",
+    "rec_acc@0.5_blind",
+    "rec_miou",
+    "res_ciou",
+    "res_giou",
+    "steps",
+    "train_seconds",
+    "eval_seconds",
+    "n_eval_rec",
+    "n_eval_res",
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +47,21 @@ def test_demo_writes_metrics_examples_and_model(demo_dir):
 def test_predict_prints_json_and_draws(demo_dir, tmp_path, capsys):
     image_path = tmp_path / "scene.png"
     Image.new("RGB", (80, 60), (30, 120, 200)).save(image_path)
-    main(["predict", "--model", str(demo_dir / "model"), "--image", str(image_path), "--prompt",
-          "Where is the red circle?", "--output", str(tmp_path / "drawn.png"), "--max-new-tokens", "4"])  # fmt: skip
+    main(
+        [
+            "predict",
+            "--model",
+            str(demo_dir / "model"),
+            "--image",
+            str(image_path),
+            "--prompt",
+            "Where is the red circle?",
+            "--output",
+            str(tmp_path / "drawn.png"),
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) == {"text", "boxes", "scores", "mask_areas"}
     assert len(result["boxes"]) == len(result["scores"])
@@ -47,8 +71,19 @@ def test_predict_prints_json_and_draws(demo_dir, tmp_path, capsys):
 
 
 def test_eval_command_reports_metrics(demo_dir, tmp_path, capsys):
-    main(["eval", "--model", str(demo_dir / "model"), "--num-samples", "8", "--max-new-tokens", "4",
-          "--output", str(tmp_path / "m.json")])  # fmt: skip
+    main(
+        [
+            "eval",
+            "--model",
+            str(demo_dir / "model"),
+            "--num-samples",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--output",
+            str(tmp_path / "m.json"),
+        ]
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n_eval_rec"] + metrics["n_eval_res"] == 8
 

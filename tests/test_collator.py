@@ -133,7 +133,11 @@ def test_overflow_raises_or_drops_and_never_truncates():
         ({"messages": [{"role": "user", "content": "<image> hi"}]}, ValueError, "must not contain '<image>'"),
         ({"messages": [{"role": "assistant", "content": "<vis> <vis>"}]}, ValueError, "must contain a user message"),
         ({"image": None}, ValueError, "`rows\\[1\\]\\['image'\\]` is missing"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, ValueError, "\\['role'\\]` must be one of \\('system', 'user'"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            ValueError,
+            "\\['role'\\]` must be one of \\('system', 'user'",
+        ),
     ],
 )
 def test_invalid_rows_raise_clear_errors(change, error, message):
@@ -174,7 +178,13 @@ def test_batch_trains_the_tiny_model_with_every_loss_part():
     torch.manual_seed(0)
     model = PerceptionGPTForConditionalGeneration(config)
     outputs = model(**DataCollatorForPerceptionGPT(processor)(_rows()))
-    parts = [outputs.lm_loss, outputs.box_l1_loss, outputs.box_giou_loss, outputs.mask_dice_loss, outputs.mask_bce_loss]
+    parts = [
+        outputs.lm_loss,
+        outputs.box_l1_loss,
+        outputs.box_giou_loss,
+        outputs.mask_dice_loss,
+        outputs.mask_bce_loss,
+    ]
     assert all(torch.isfinite(part) and part > 0 for part in parts)
     outputs.loss.backward()
     assert model.box_decoder.mlp[-1].weight.grad.abs().sum() > 0

@@ -24,8 +24,13 @@ def test_paper_preset_matches_paper():
     mask = config.mask_head_config
     assert (mask.hidden_size, mask.num_hidden_layers, mask.num_attention_heads, mask.mlp_dim) == (1024, 2, 8, 2048)
     assert mask.mask_size == 256
-    weights = [config.lm_loss_weight, config.box_l1_weight, config.box_giou_weight,
-               config.mask_dice_weight, config.mask_bce_weight]  # fmt: skip
+    weights = [
+        config.lm_loss_weight,
+        config.box_l1_weight,
+        config.box_giou_weight,
+        config.mask_dice_weight,
+        config.mask_bce_weight,
+    ]
     assert weights == [1.0] * 5
     assert config.text_config.hidden_size == 4096 and config.vision_config.image_size == 336
 
@@ -36,9 +41,10 @@ def test_paper_preset_counts_on_meta_device():
         model = PerceptionGPTForConditionalGeneration(config)
     total = sum(p.numel() for p in model.parameters())
     heads = sum(
-        p.numel() for n, p in model.named_parameters()
+        p.numel()
+        for n, p in model.named_parameters()
         if any(k in n for k in ("box_encoder", "box_decoder", "mask_encoder", "mask_decoder", "feature_fusion"))
-    )  # fmt: skip
+    )
     assert all(p.device.type == "meta" for p in model.parameters())
     assert 7.0e9 < total < 7.2e9  # LLaVA-1.5-7B (7.06B) plus heads
     assert 30e6 < heads < 60e6  # the paper's heads are ~49M

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 SCRIPT = Path(__file__).with_name("distributed_train.py")
 
 
@@ -14,8 +15,20 @@ def _launch(tmp_path, processes, per_device_batch):
     output = tmp_path / f"losses_{processes}.json"
     # `--multi_gpu` is accelerate's multi-process DDP launcher; with use_cpu it runs gloo on CPU processes
     mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *mode,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     command += [str(SCRIPT), str(output), str(per_device_batch)]
     with socket.socket() as probe:  # a free port, so parallel runs never collide
         probe.bind(("127.0.0.1", 0))

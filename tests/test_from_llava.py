@@ -8,9 +8,12 @@ from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGenera
 def _tiny_llava():
     tiny = PerceptionGPTConfig.from_preset("tiny")
     config = LlavaConfig(
-        vision_config=tiny.vision_config.to_dict(), text_config=tiny.text_config.to_dict(), image_token_id=4,
-        image_seq_length=16, vision_feature_layer=-2,
-    )  # fmt: skip
+        vision_config=tiny.vision_config.to_dict(),
+        text_config=tiny.text_config.to_dict(),
+        image_token_id=4,
+        image_seq_length=16,
+        vision_feature_layer=-2,
+    )
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(config).eval()
 

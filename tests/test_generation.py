@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import IMAGE, VIS, make_batch
 
+
 NAN = float("nan")
 PROMPT = 24
 
@@ -39,7 +40,9 @@ def _teacher_forced(model, out, ids, attention, pixels, boxes):
         vis_boxes[r, : boxes.shape[1]] = boxes[r // n]
         first = int((seqs[r, :PROMPT] == VIS).sum())
         vis_boxes[r, first : first + len(out.pred_boxes[r])] = out.pred_boxes[r]
-    mask = torch.cat([attention.repeat_interleave(n, 0), torch.ones(rows, seqs.shape[1] - PROMPT, dtype=torch.long)], 1)
+    mask = torch.cat(
+        [attention.repeat_interleave(n, 0), torch.ones(rows, seqs.shape[1] - PROMPT, dtype=torch.long)], 1
+    )
     kwargs = {} if pixels is None else {"pixel_values": pixels.repeat_interleave(n, 0)}
     with torch.no_grad():
         tf = model(input_ids=seqs, attention_mask=mask, vis_boxes=vis_boxes, **kwargs)
@@ -48,7 +51,9 @@ def _teacher_forced(model, out, ids, attention, pixels, boxes):
         for j, p in enumerate(out.vis_positions[r].tolist()):
             box = model.box_decoder(tf.last_hidden_state[r, p - 1][None])[0]
             prob = tf.logits[r, p - 1].softmax(-1)[VIS]
-            err = max(err, (box - out.pred_boxes[r][j]).abs().max().item(), abs(prob - out.vis_scores[r][j]).item() / 10)
+            err = max(
+                err, (box - out.pred_boxes[r][j]).abs().max().item(), abs(prob - out.vis_scores[r][j]).item() / 10
+            )
             count += 1
     return err, count
 

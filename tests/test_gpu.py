@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VIS, make_batch
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
@@ -19,7 +20,6 @@ from perceptiongpt.processing.processing_perceptiongpt import build_processor
 from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
 from perceptiongpt.processing.tokenization_factory import build_tokenizer
 
-from conftest import VIS, make_batch
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train_generate.py"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,8 +29,14 @@ def _flash_implementations():
     """sdpa (its flash backend forced in the tests) plus the FlashAttention packages that import here."""
     found = ["sdpa"]
     if torch.cuda.is_available():
-        found += [name for name, ok in (("flash_attention_2", is_flash_attn_2_available()),
-                                        ("flash_attention_4", is_flash_attn_4_available())) if ok]  # fmt: skip
+        found += [
+            name
+            for name, ok in (
+                ("flash_attention_2", is_flash_attn_2_available()),
+                ("flash_attention_4", is_flash_attn_4_available()),
+            )
+            if ok
+        ]
     return found
 
 
@@ -47,9 +53,8 @@ def _config():
     return PerceptionGPTConfig.from_preset(
         "tiny",
         vision_config={"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "projection_dim": 128},
-        text_config={"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-                     "num_key_value_heads": 4},
-    )  # fmt: skip
+        text_config={"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 4},
+    )
 
 
 @pytest.fixture(scope="module")

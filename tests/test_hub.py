@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import BLOCK_PACKAGE
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 from peft import PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, TrainingArguments
-
-from conftest import BLOCK_PACKAGE
 
 from perceptiongpt import PerceptionGPTForConditionalGeneration
 from perceptiongpt.hub_cards import TAGS, dataset_card, model_card, retarget_model_card
@@ -34,10 +33,18 @@ from perceptiongpt.trainer import PerceptionGPTTrainer
 from perceptiongpt.trainer.hub import load_adapter, push_to_hub
 from perceptiongpt.trainer.peft_recipe import lora_config
 
+
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 PROMPT = "Where is the red circle?"
-DEMO_METRICS = {"rec_acc@0.5": 0.625, "rec_acc@0.5_blind": 0.125, "rec_miou": 0.5512, "res_ciou": 0.4,
-                "res_giou": 0.375, "steps": 3000, "n_eval_rec": 200}  # fmt: skip
+DEMO_METRICS = {
+    "rec_acc@0.5": 0.625,
+    "rec_acc@0.5_blind": 0.125,
+    "rec_miou": 0.5512,
+    "res_ciou": 0.4,
+    "res_giou": 0.375,
+    "steps": 3000,
+    "n_eval_rec": 200,
+}
 
 
 class FolderHubApi(HfApi):
@@ -76,8 +83,20 @@ class FolderHubApi(HfApi):
     def list_repo_files(self, repo_id, *, revision=None, repo_type=None, token=None):
         return sorted(self._files(repo_id, self._head(repo_id, revision or "main")))
 
-    def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, token=None,
-                      repo_type=None, revision=None, create_pr=None, parent_commit=None, **kwargs):  # fmt: skip
+    def create_commit(
+        self,
+        repo_id,
+        operations,
+        *,
+        commit_message,
+        commit_description=None,
+        token=None,
+        repo_type=None,
+        revision=None,
+        create_pr=None,
+        parent_commit=None,
+        **kwargs,
+    ):
         repo, branch = self._repo(repo_id), revision or "main"
         if not (repo / "refs").is_dir() or (branch != "main" and not (repo / "refs" / branch).is_file()):
             raise ValueError(f"{repo_id}@{branch} does not exist: create the repo and the branch first")
@@ -102,8 +121,12 @@ class FolderHubApi(HfApi):
             link.symlink_to(os.path.relpath(blob, link.parent))
         (repo / "refs" / branch).write_text(oid)
         self.commits.append({"repo": repo_id, "branch": branch, "message": commit_message, "files": sorted(files)})
-        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}", commit_message=commit_message,
-                          commit_description=commit_description or "", oid=oid)  # fmt: skip
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}",
+            commit_message=commit_message,
+            commit_description=commit_description or "",
+            oid=oid,
+        )
 
     def snapshot(self, repo_id: str, revision: str = "main") -> Path:
         commit = revision if len(revision) == 40 else self._head(repo_id, revision)
@@ -133,11 +156,13 @@ def _image() -> Image.Image:
 def _predict(model, processor, image) -> dict:
     """The card's usage snippet: chat template, generate, post-process."""
     messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "image", "image": image}]}]
-    inputs = processor.apply_chat_template([messages], add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")  # fmt: skip
+    inputs = processor.apply_chat_template(
+        [messages], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    result = processor.post_process_generation(out, image_sizes=[(image.height, image.width)],
-                                               prompt_length=inputs["input_ids"].shape[1])[0]  # fmt: skip
+    result = processor.post_process_generation(
+        out, image_sizes=[(image.height, image.width)], prompt_length=inputs["input_ids"].shape[1]
+    )[0]
     return {"sequence": out.sequences[0].tolist(), "boxes": result["boxes"].tolist(), "text": result["text"]}
 
 
@@ -150,8 +175,14 @@ def _demo_folder(model, processor, folder: Path) -> Path:
     """A folder like the demo's DIR/model/: model, processor and a card written for `perceptiongpt/demo`."""
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    model_card(DEMO_METRICS, "perceptiongpt/demo", "PerceptionGPT synthetic (demo)", "perceptiongpt-synthetic",
-               "3000 steps on CPU.", "The embedded synthetic set.").save(str(folder / "README.md"))  # fmt: skip
+    model_card(
+        DEMO_METRICS,
+        "perceptiongpt/demo",
+        "PerceptionGPT synthetic (demo)",
+        "perceptiongpt-synthetic",
+        "3000 steps on CPU.",
+        "The embedded synthetic set.",
+    ).save(str(folder / "README.md"))
     return folder
 
 
@@ -196,8 +227,9 @@ _REMOTE_PICKLED = BLOCK_PACKAGE + textwrap.dedent(
 
 def _run(tmp_path, script, *args) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
-    completed = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stdout
 
@@ -205,10 +237,20 @@ def _run(tmp_path, script, *args) -> str:
 def test_pushed_repos_load_by_repo_id_without_the_package(tiny_model, processor, hub, tmp_path):
     # The helper: model, processor, code and card in ONE commit, from the demo's folder layout.
     commit = push_to_hub(_demo_folder(tiny_model, processor, tmp_path / "demo"), "org/tiny", api=hub)
-    assert len(hub.commits) == 1 and hub.commits[0]["message"] == "Upload PerceptionGPT model, processor, code and card"
+    assert (
+        len(hub.commits) == 1 and hub.commits[0]["message"] == "Upload PerceptionGPT model, processor, code and card"
+    )
     helper_files = _pushed_files(hub, "org/tiny", commit.oid)
-    assert {"README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-            "modeling_perceptiongpt.py", "processing_perceptiongpt.py", "region_geometry.py"} <= helper_files
+    assert {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "modeling_perceptiongpt.py",
+        "processing_perceptiongpt.py",
+        "region_geometry.py",
+    } <= helper_files
     # transformers' own push_to_hub: one commit each for the model and the processor.
     tiny_model.push_to_hub("org/tiny-native", tags=TAGS)
     processor.push_to_hub("org/tiny-native")
@@ -218,8 +260,11 @@ def test_pushed_repos_load_by_repo_id_without_the_package(tiny_model, processor,
         assert not [f for f in files if f.endswith(PICKLES)]
     image = _image()
     image.save(tmp_path / "image.png")
-    spec = {"image": str(tmp_path / "image.png"), "prompt": PROMPT,
-            "loads": [["org/tiny", commit.oid], ["org/tiny-native", "main"]]}  # fmt: skip
+    spec = {
+        "image": str(tmp_path / "image.png"),
+        "prompt": PROMPT,
+        "loads": [["org/tiny", commit.oid], ["org/tiny-native", "main"]],
+    }
     remote = json.loads(_run(tmp_path, _REMOTE, json.dumps(spec)).strip().splitlines()[-1])
     expected = _predict(tiny_model, processor, image)
     assert len(expected["boxes"]) > 0
@@ -263,11 +308,23 @@ def test_helper_card_points_at_the_target_repo(tiny_model, processor, hub, tmp_p
 def test_helper_from_trainer_with_real_evaluation(tiny_model, processor, hub, tmp_path):
     config = SyntheticConfig(**{**dataclasses.asdict(SyntheticConfig.demo()), "tasks": ("rec", "res")})
     rows = build_synthetic_dataset(config, "train", 4, seed=0)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, per_device_eval_batch_size=4,
-                             remove_unused_columns=False, learning_rate=1e-3)  # fmt: skip
-    trainer = PerceptionGPTTrainer(model=tiny_model, args=args, train_dataset=rows, eval_dataset=rows,
-                                   data_collator=DataCollatorForPerceptionGPT(processor), processing_class=processor,
-                                   eval_max_new_tokens=4)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        use_cpu=True,
+        per_device_eval_batch_size=4,
+        remove_unused_columns=False,
+        learning_rate=1e-3,
+    )
+    trainer = PerceptionGPTTrainer(
+        model=tiny_model,
+        args=args,
+        train_dataset=rows,
+        eval_dataset=rows,
+        data_collator=DataCollatorForPerceptionGPT(processor),
+        processing_class=processor,
+        eval_max_new_tokens=4,
+    )
     metrics = trainer.evaluate()
     commit = push_to_hub(trainer, "org/trained", api=hub)
     files = _pushed_files(hub, "org/trained", commit.oid)
@@ -276,9 +333,13 @@ def test_helper_from_trainer_with_real_evaluation(tiny_model, processor, hub, tm
     card = ModelCard.load(hub.snapshot("org/trained") / "README.md")
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert metrics["eval_n_eval_rec"] + metrics["eval_n_eval_res"] == 4
-    assert results == {"REC Acc@0.5": metrics["eval_rec_acc@0.5"], "REC Acc@0.75": metrics["eval_rec_acc@0.75"],
-                       "REC mIoU": metrics["eval_rec_miou"], "RES cIoU": metrics["eval_res_ciou"],
-                       "RES gIoU": metrics["eval_res_giou"]}  # fmt: skip
+    assert results == {
+        "REC Acc@0.5": metrics["eval_rec_acc@0.5"],
+        "REC Acc@0.75": metrics["eval_rec_acc@0.75"],
+        "REC mIoU": metrics["eval_rec_miou"],
+        "RES cIoU": metrics["eval_res_ciou"],
+        "RES gIoU": metrics["eval_res_giou"],
+    }
     counts = {task: list(rows["task"]).count(task) for task in sorted(set(rows["task"]))}
     assert f"4 training rows ({', '.join(f'{t}: {n}' for t, n in counts.items())})." in card.text
     assert "lr 0.001" in card.text and "Loss: LM + 1.0 L1 + 1.0 GIoU on boxes" in card.text
@@ -341,8 +402,11 @@ def test_push_uploads_no_pickles(tiny_model, processor, hub, tmp_path):
     processor.save_pretrained(folder)
     (folder / "training_args.bin").write_bytes(b"Trainer bookkeeping: skipped, not refused")
     hub.create_repo("org/m")
-    hub.create_commit("org/m", [CommitOperationAdd(path_in_repo="pytorch_model.bin", path_or_fileobj=b"stale")],
-                      commit_message="an old pickled upload")  # fmt: skip
+    hub.create_commit(
+        "org/m",
+        [CommitOperationAdd(path_in_repo="pytorch_model.bin", path_or_fileobj=b"stale")],
+        commit_message="an old pickled upload",
+    )
     push_to_hub(folder, "org/m", api=hub)
     assert hub.commits[-1]["files"] == sorted(_pushed_files(hub, "org/m"))
     assert not [f for f in _pushed_files(hub, "org/m") if f.endswith(PICKLES)]  # the stale pickle is deleted
@@ -390,8 +454,15 @@ def test_helper_rejects_bad_arguments(tiny_model, hub, tmp_path):
 
 
 def test_model_card_fields_and_validation():
-    card = model_card({"rec_acc@0.5": 0.5, "res_ciou": math.nan, "steps": 7}, "org/m", "set", "org/set", "T", "D",
-                      datasets=["org/set"])  # fmt: skip
+    card = model_card(
+        {"rec_acc@0.5": 0.5, "res_ciou": math.nan, "steps": 7},
+        "org/m",
+        "set",
+        "org/set",
+        "T",
+        "D",
+        datasets=["org/set"],
+    )
     parsed = ModelCard(card.content)  # the YAML front matter round-trips
     assert [(r.metric_name, r.metric_value) for r in parsed.data.eval_results] == [("REC Acc@0.5", 0.5)]
     assert parsed.data.datasets == ["org/set"] and parsed.data.library_name == "transformers"
@@ -410,8 +481,10 @@ def test_model_card_fields_and_validation():
 
 def test_dataset_card_counts_the_real_rows():
     config = SyntheticConfig.demo()
-    splits = {"train": build_synthetic_dataset(config, "train", 6, seed=1),
-              "test": list(build_synthetic_dataset(config, "test", 3, seed=1))}  # fmt: skip
+    splits = {
+        "train": build_synthetic_dataset(config, "train", 6, seed=1),
+        "test": list(build_synthetic_dataset(config, "test", 3, seed=1)),
+    }
     card = dataset_card(splits, config, seed=1, repo_id="org/synthetic")
     assert card.data.size_categories == ["n<1K"] and "visual-grounding" in card.data.tags
     for name, rows in splits.items():

@@ -1,8 +1,10 @@
 """Grounding metrics: hand-computed values for the plain functions and the offline `evaluate` modules."""
+
 import os
 
 import numpy as np
 import pytest
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
@@ -17,6 +19,7 @@ from perceptiongpt.processing.metrics import (  # noqa: E402
     rec_accuracy,
     res_iou,
 )
+
 
 UNIT_BOX = [0.0, 0.0, 1.0, 1.0]
 HALF_IOU_BOX = [0.0, 0.0, 2.0, 1.0]  # IoU with UNIT_BOX is exactly 1 / 2
@@ -174,12 +177,16 @@ def test_evaluate_multi_object_f1_matches_plain_function():
     metric = _load("multi_object_f1")
     for prediction, reference in zip(predictions, references):
         metric.add_batch(predictions=[prediction], references=[reference])
-    assert metric.compute(iou=0.5) == multi_object_f1(predictions, references) == {
-        "precision": 0.5,
-        "recall": 0.5,
-        "f1": 0.5,
-        "n": 2,
-    }
+    assert (
+        metric.compute(iou=0.5)
+        == multi_object_f1(predictions, references)
+        == {
+            "precision": 0.5,
+            "recall": 0.5,
+            "f1": 0.5,
+            "n": 2,
+        }
+    )
 
 
 def test_every_metric_module_ships():

@@ -5,6 +5,7 @@ from conftest import VIS, make_batch
 from perceptiongpt import PerceptionGPTForConditionalGeneration
 from perceptiongpt.modeling_perceptiongpt import preferred_attn_implementation
 
+
 NAN = float("nan")
 
 
@@ -47,8 +48,14 @@ def test_named_losses_and_finite_gradients(tiny_model):
     masks, _ = _masks()
     valid = torch.tensor([[True, True], [False, True]])
     tiny_model.train()
-    out = tiny_model(input_ids=ids, pixel_values=pixels, labels=_targets(ids, answer_start=22), vis_boxes=boxes,
-                     vis_masks=masks, vis_mask_valid=valid)  # fmt: skip
+    out = tiny_model(
+        input_ids=ids,
+        pixel_values=pixels,
+        labels=_targets(ids, answer_start=22),
+        vis_boxes=boxes,
+        vis_masks=masks,
+        vis_mask_valid=valid,
+    )
     parts = [out.lm_loss, out.box_l1_loss, out.box_giou_loss, out.mask_dice_loss, out.mask_bce_loss]
     assert all(p.dim() == 0 and torch.isfinite(p) and p > 0 for p in parts)
     assert torch.allclose(out.loss, sum(parts))
@@ -66,8 +73,14 @@ def test_loss_weights_are_applied(tiny_config):
     model = PerceptionGPTForConditionalGeneration(tiny_config)
     ids, pixels = make_batch()
     masks, valid = _masks()
-    out = model(input_ids=ids, pixel_values=pixels, labels=_targets(ids), vis_boxes=_boxes(), vis_masks=masks,
-                vis_mask_valid=valid)  # fmt: skip
+    out = model(
+        input_ids=ids,
+        pixel_values=pixels,
+        labels=_targets(ids),
+        vis_boxes=_boxes(),
+        vis_masks=masks,
+        vis_mask_valid=valid,
+    )
     expected = 0.5 * out.lm_loss + 5 * out.box_l1_loss + out.box_giou_loss + out.mask_dice_loss
     assert torch.allclose(out.loss, expected)
 
@@ -79,12 +92,25 @@ def test_global_count_averaging_splits_exactly(tiny_model):
     labels = _targets(ids)
     tokens = int((labels[:, 1:] != -100).sum())
     kwargs = dict(num_items_in_batch=tokens, num_vis_in_batch=3, num_masks_in_batch=3)
-    full = tiny_model(input_ids=ids, pixel_values=pixels, labels=labels, vis_boxes=_boxes(), vis_masks=masks,
-                      vis_mask_valid=valid, **kwargs)  # fmt: skip
+    full = tiny_model(
+        input_ids=ids,
+        pixel_values=pixels,
+        labels=labels,
+        vis_boxes=_boxes(),
+        vis_masks=masks,
+        vis_mask_valid=valid,
+        **kwargs,
+    )
     halves = [
-        tiny_model(input_ids=ids[i : i + 1], pixel_values=pixels[i : i + 1], labels=labels[i : i + 1],
-                   vis_boxes=_boxes()[i : i + 1], vis_masks=masks[i : i + 1], vis_mask_valid=valid[i : i + 1],
-                   **kwargs)  # fmt: skip
+        tiny_model(
+            input_ids=ids[i : i + 1],
+            pixel_values=pixels[i : i + 1],
+            labels=labels[i : i + 1],
+            vis_boxes=_boxes()[i : i + 1],
+            vis_masks=masks[i : i + 1],
+            vis_mask_valid=valid[i : i + 1],
+            **kwargs,
+        )
         for i in range(2)
     ]
     for name in ("loss", "lm_loss", "box_l1_loss", "box_giou_loss", "mask_dice_loss", "mask_bce_loss"):
@@ -146,8 +172,12 @@ def test_bad_boxes_raise(tiny_model, boxes, match):
 def test_bad_masks_raise(tiny_model):
     ids, pixels = make_batch(batch_size=1, vis_at=((20,),))
     with pytest.raises(ValueError, match=r"\(B, K, 16, 16\)"):
-        tiny_model(input_ids=ids, pixel_values=pixels, vis_masks=torch.zeros(1, 1, 8, 8, dtype=torch.bool),
-                   vis_mask_valid=torch.ones(1, 1, dtype=torch.bool))  # fmt: skip
+        tiny_model(
+            input_ids=ids,
+            pixel_values=pixels,
+            vis_masks=torch.zeros(1, 1, 8, 8, dtype=torch.bool),
+            vis_mask_valid=torch.ones(1, 1, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="vis_mask_valid"):
         tiny_model(input_ids=ids, pixel_values=pixels, vis_masks=torch.zeros(1, 1, 16, 16, dtype=torch.bool))
     with pytest.raises(TypeError, match="vis_boxes"):

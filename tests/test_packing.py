@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import IMAGE, VIS
 from transformers import TrainingArguments
 
 import perceptiongpt.region_inputs as region_inputs
@@ -13,7 +14,6 @@ from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_
 from perceptiongpt.processing.tokenization_factory import build_tokenizer
 from perceptiongpt.trainer import PerceptionGPTTrainer
 
-from conftest import IMAGE, VIS
 
 LOSSES = ("lm_loss", "box_l1_loss", "box_giou_loss", "mask_dice_loss", "mask_bce_loss", "loss")
 
@@ -52,13 +52,24 @@ def test_pack_batch_layout():
     attention[1, 6] = 0
     labels = torch.where(ids > 5, ids, IGNORE_INDEX)
     labels[:, 0] = 1  # a first label that packing must hide: nothing predicts a sample's first token
-    boxes = torch.tensor([[[0.1, 0.1, 0.2, 0.2], [9.0, 9.0, 9.0, 9.0]],  # slot 1 is padding (no second `<vis>`)
-                          [[0.3, 0.3, 0.4, 0.4], [0.5, 0.5, 0.6, 0.6]]])  # fmt: skip
+    boxes = torch.tensor(
+        [
+            [[0.1, 0.1, 0.2, 0.2], [9.0, 9.0, 9.0, 9.0]],  # slot 1 is padding (no second `<vis>`)
+            [[0.3, 0.3, 0.4, 0.4], [0.5, 0.5, 0.6, 0.6]],
+        ]
+    )
     masks = torch.zeros(2, 2, 4, 4, dtype=torch.bool)
     masks[1, 1, 0, 0] = True
     valid = torch.tensor([[False, False], [False, True]])
-    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels, "pixel_values": torch.randn(2, 3, 4, 4),
-             "vis_boxes": boxes, "vis_masks": masks, "vis_mask_valid": valid}  # fmt: skip
+    batch = {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "pixel_values": torch.randn(2, 3, 4, 4),
+        "vis_boxes": boxes,
+        "vis_masks": masks,
+        "vis_mask_valid": valid,
+    }
     packed = pack_batch(batch, VIS, return_seq_idx=True)
     assert "attention_mask" not in packed
     assert packed["input_ids"].tolist() == [[1, IMAGE, 7, VIS, 8, 1, IMAGE, VIS, 9, VIS, 2]]
@@ -127,9 +138,10 @@ def test_packed_without_use_cache_false_leaks_across_samples(model, processor, r
 
 
 @pytest.mark.xfail(
-    not hasattr(region_inputs, "image_index_per_token"), strict=True,
+    not hasattr(region_inputs, "image_index_per_token"),
+    strict=True,
     reason="a row's mask targets all read the row's FIRST image until region_inputs has the per-token image index",
-)  # fmt: skip
+)
 def test_packed_mask_losses_read_each_samples_image(model, processor, rows):
     batch_rows = [rows[i] for i in range(4)]
     padded = DataCollatorForPerceptionGPT(processor)(batch_rows)
@@ -158,12 +170,24 @@ def test_packed_training_matches_padded_training(processor, tmp_path):
         torch.manual_seed(0)
         model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
-                                 learning_rate=1e-1, optim="sgd", lr_scheduler_type="constant", logging_steps=1,
-                                 save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, seed=0,
-                                 disable_tqdm=True)  # fmt: skip
-        trainer = PerceptionGPTTrainer(model=model, args=args, train_dataset=train_rows, data_collator=collator,
-                                       processing_class=processor)  # fmt: skip
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=1e-1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            remove_unused_columns=False,
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        trainer = PerceptionGPTTrainer(
+            model=model, args=args, train_dataset=train_rows, data_collator=collator, processing_class=processor
+        )
         trainer.train()
         finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
         logged = [entry for entry in trainer.state.log_history if "box_l1_loss" in entry]

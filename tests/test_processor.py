@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import BLOCK_PACKAGE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import BLOCK_PACKAGE
 from PIL import Image
 
 from perceptiongpt.processing.processing_perceptiongpt import RESIZE_MODES, PerceptionGPTProcessor, build_processor
@@ -140,7 +140,9 @@ def test_post_process_generation_gives_exact_pixel_results():
         pred_masks=[mask_logits, mask_logits, mask_logits[:1], None],
         scores=tuple(range(len(generated) + 2)),  # one per generated step -> the prompt length is derivable
     )
-    results = processor.post_process_generation(generation, image_sizes=[(32, 64), (16, 16)], vis_marker="[obj{index}]")
+    results = processor.post_process_generation(
+        generation, image_sizes=[(32, 64), (16, 16)], vis_marker="[obj{index}]"
+    )
     assert [result["text"] for result in results] == ["It is [obj1] and [obj2]."] * 4
     assert results[0]["boxes"].tolist() == [[8.0, 4.0, 40.0, 20.0], [0.0, 0.0, 64.0, 32.0]]  # padding clipped away
     assert results[1]["boxes"].tolist() == results[0]["boxes"].tolist()
@@ -186,12 +188,19 @@ def test_post_process_image_text_to_text_keeps_working():
 def test_multi_turn_chat_passes_earlier_assistant_vis_like_a_prompt_region():
     processor = PROCESSORS["resize"]
     messages = [
-        {"role": "user", "content": [{"type": "text", "text": "Find it."}, {"type": "image", "image": _image(40, 80)}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Find it."}, {"type": "image", "image": _image(40, 80)}],
+        },
         {"role": "assistant", "content": "<vis>"},
         {"role": "user", "content": [{"type": "text", "text": "What is left of <vis>?"}]},
     ]
     out = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
         processor_kwargs={"boxes": [[[20, 10, 60, 30], [0, 0, 40, 40]]]},
     )
     torch.testing.assert_close(out["vis_boxes"], torch.tensor([[[0.25, 0.25, 0.75, 0.75], [0.0, 0.0, 0.5, 1.0]]]))

@@ -1,4 +1,5 @@
 """RefCOCO loaders on tiny fixtures in both layouts: exact boxes, masks and row counts."""
+
 import io
 import json
 import pickle
@@ -18,6 +19,7 @@ from perceptiongpt.processing.refcoco import (
     segmentation_to_rle,
 )
 from perceptiongpt.processing.synthetic import GROUNDING_FEATURES
+
 
 RECT = [[2, 3, 12, 3, 12, 8, 2, 8]]  # annotation 101 on image 1 (40 x 30)
 TWO_SQUARES = [[20, 2, 26, 2, 26, 8, 20, 8], [30, 20, 36, 20, 36, 26, 30, 26]]  # annotation 102, two parts
@@ -46,10 +48,17 @@ def _polygon_mask(polygons, height, width):
 
 def _ref(ref_id, ann_id, image_id, split, sentences):
     return {
-        "ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1, "split": split,
-        "sent_ids": [sent_id for sent_id, _ in sentences], "file_name": f"ignored_{ann_id}.jpg",
-        "sentences": [{"sent_id": sent_id, "sent": text, "raw": text.upper(), "tokens": text.split()}
-                      for sent_id, text in sentences],
+        "ref_id": ref_id,
+        "ann_id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "split": split,
+        "sent_ids": [sent_id for sent_id, _ in sentences],
+        "file_name": f"ignored_{ann_id}.jpg",
+        "sentences": [
+            {"sent_id": sent_id, "sent": text, "raw": text.upper(), "tokens": text.split()}
+            for sent_id, text in sentences
+        ],
     }
 
 
@@ -73,10 +82,22 @@ def refer_layout(tmp_path):
         ],
         "annotations": [
             {"id": 101, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5], "iscrowd": 0, "segmentation": RECT},
-            {"id": 102, "image_id": 1, "category_id": 1, "bbox": [20, 2, 16, 24], "iscrowd": 0,
-             "segmentation": TWO_SQUARES},
-            {"id": 201, "image_id": 2, "category_id": 1, "bbox": [5, 5, 5, 5], "iscrowd": 0,
-             "segmentation": _uncompressed_rle(SQUARE_MASK)},
+            {
+                "id": 102,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [20, 2, 16, 24],
+                "iscrowd": 0,
+                "segmentation": TWO_SQUARES,
+            },
+            {
+                "id": 201,
+                "image_id": 2,
+                "category_id": 1,
+                "bbox": [5, 5, 5, 5],
+                "iscrowd": 0,
+                "segmentation": _uncompressed_rle(SQUARE_MASK),
+            },
         ],
         "categories": [{"id": 1, "name": "thing", "supercategory": "thing"}],
     }
@@ -156,12 +177,18 @@ def _png_bytes(width, height):
 
 @pytest.fixture()
 def parquet_layout(tmp_path, refer_layout):
-    features = datasets.Features({
-        "question_id": datasets.Value("string"), "image": datasets.Image(), "question": datasets.Value("string"),
-        "answer": datasets.List(datasets.Value("string")), "segmentation": datasets.List(datasets.Value("float32")),
-        "bbox": datasets.List(datasets.Value("float32")), "iscrowd": datasets.Value("int8"),
-        "file_name": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "question_id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.List(datasets.Value("string")),
+            "segmentation": datasets.List(datasets.Value("float32")),
+            "bbox": datasets.List(datasets.Value("float32")),
+            "iscrowd": datasets.Value("int8"),
+            "file_name": datasets.Value("string"),
+        }
+    )
     image_1, image_2 = {"bytes": _png_bytes(40, 30), "path": None}, {"bytes": _png_bytes(20, 20), "path": None}
     columns = {
         "question_id": ["101", "102", "201", "999"],

@@ -11,6 +11,7 @@ import textwrap
 import torch
 from conftest import BLOCK_PACKAGE, make_batch
 
+
 LOAD_AND_RUN = BLOCK_PACKAGE + textwrap.dedent(
     """
     import sys, torch
@@ -40,8 +41,12 @@ def _run_isolated(tmp_path, model_ref, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", **(env_extra or {})}
     result = subprocess.run(
         [sys.executable, "-c", LOAD_AND_RUN, model_ref, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return inputs, torch.load(tmp_path / "out.pt")
 
@@ -61,8 +66,15 @@ def test_saved_folder_writes_code_and_auto_map(tiny_model, tmp_path):
         "AutoModelForImageTextToText": "modeling_perceptiongpt.PerceptionGPTForConditionalGeneration",
     }
     copied = {p.name for p in (tmp_path / "model").glob("*.py")}
-    assert {"modeling_perceptiongpt.py", "configuration_perceptiongpt.py", "generation_perceptiongpt.py",
-            "heads_perceptiongpt.py", "mask_decoder_perceptiongpt.py", "region_inputs.py", "box_ops.py"} <= copied  # fmt: skip
+    assert {
+        "modeling_perceptiongpt.py",
+        "configuration_perceptiongpt.py",
+        "generation_perceptiongpt.py",
+        "heads_perceptiongpt.py",
+        "mask_decoder_perceptiongpt.py",
+        "region_inputs.py",
+        "box_ops.py",
+    } <= copied
     assert "__init__.py" not in copied
 
 

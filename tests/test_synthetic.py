@@ -1,4 +1,5 @@
 """Synthetic referring dataset: schema, determinism, exact boxes/masks and unique referents."""
+
 import re
 
 import numpy as np
@@ -18,6 +19,7 @@ from perceptiongpt.processing.synthetic import (
     build_synthetic_splits,
     generate_synthetic_samples,
 )
+
 
 VIS = "<vis>"
 
@@ -188,7 +190,9 @@ def test_config_validation_and_infeasible_configs():
         SyntheticConfig(min_objects=4, max_objects=2)
     with pytest.raises(ValueError, match=r"`split` must be one of"):
         next(generate_synthetic_samples(split="dev"))
-    crowded = SyntheticConfig(image_size=16, min_objects=6, max_objects=6, sizes=(("big", 0.4, 0.45),), min_visible=1.0)
+    crowded = SyntheticConfig(
+        image_size=16, min_objects=6, max_objects=6, sizes=(("big", 0.4, 0.45),), min_visible=1.0
+    )
     with pytest.raises(RuntimeError, match=r"`config` is infeasible"):
         next(generate_synthetic_samples(crowded))
 

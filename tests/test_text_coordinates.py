@@ -30,10 +30,12 @@ def test_format_and_parse():
 def test_row_conversion_keeps_prompt_regions(processor):
     image = Image.new("RGB", (200, 100))  # wide: padded to 200 x 200, so y shifts by 50 px
     row = {
-        "image": image, "task": "reg",
+        "image": image,
+        "task": "reg",
         "messages": [{"role": "user", "content": "What is <vis>?"}, {"role": "assistant", "content": "It is <vis>."}],
-        "boxes": [[0.0, 0.0, 100.0, 50.0], [100.0, 50.0, 200.0, 100.0]], "masks": None,
-    }  # fmt: skip
+        "boxes": [[0.0, 0.0, 100.0, 50.0], [100.0, 50.0, 200.0, 100.0]],
+        "masks": None,
+    }
     converted = row_with_text_coordinates(row, processor)
     assert converted["messages"][0]["content"] == "What is <vis>?"
     assert converted["messages"][1]["content"] == "It is [0.500,0.500,1.000,0.750]."
@@ -44,9 +46,16 @@ def test_row_conversion_keeps_prompt_regions(processor):
 
 def test_collator_text_mode_labels_the_coordinates(processor):
     image = Image.new("RGB", (64, 64))
-    row = {"image": image, "task": "rec", "messages": [{"role": "user", "content": "Where is the red circle?"},
-                                                        {"role": "assistant", "content": "<vis>"}],
-           "boxes": [[16.0, 16.0, 48.0, 32.0]], "masks": None}  # fmt: skip
+    row = {
+        "image": image,
+        "task": "rec",
+        "messages": [
+            {"role": "user", "content": "Where is the red circle?"},
+            {"role": "assistant", "content": "<vis>"},
+        ],
+        "boxes": [[16.0, 16.0, 48.0, 32.0]],
+        "masks": None,
+    }
     vis_batch = DataCollatorForPerceptionGPT(processor)([row])
     text_batch = DataCollatorForPerceptionGPT(processor, coordinate_format="text")([row])
     labels = text_batch["labels"][0]

@@ -13,6 +13,7 @@ from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_
 from perceptiongpt.processing.tokenization_factory import build_tokenizer
 from perceptiongpt.trainer import LOSS_PARTS, PerceptionGPTTrainer, count_parameters, evaluate_grounding, lora_config
 
+
 DATA = SyntheticConfig(**{**SyntheticConfig.demo().__dict__, "tasks": ("rec", "res")})
 
 
@@ -31,15 +32,31 @@ def setup():
 
 
 def _args(tmp_path, **kwargs):
-    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                    logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
-                    seed=0, disable_tqdm=True, lr_scheduler_type="constant")  # fmt: skip
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
     return TrainingArguments(**{**defaults, **kwargs})
 
 
 def _trainer(model, processor, rows, tmp_path, **kwargs):
-    return PerceptionGPTTrainer(model=model, args=_args(tmp_path, **kwargs), train_dataset=rows,
-                                data_collator=DataCollatorForPerceptionGPT(processor), processing_class=processor)  # fmt: skip
+    return PerceptionGPTTrainer(
+        model=model,
+        args=_args(tmp_path, **kwargs),
+        train_dataset=rows,
+        data_collator=DataCollatorForPerceptionGPT(processor),
+        processing_class=processor,
+    )
 
 
 def test_logs_every_loss_part(setup, rows, tmp_path):
@@ -61,9 +78,17 @@ def test_gradient_accumulation_matches_one_big_batch(rows, tmp_path):
     for batch, accumulation in ((4, 1), (2, 2)):
         torch.manual_seed(0)
         model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
-        trainer = _trainer(model, processor, rows, tmp_path, per_device_train_batch_size=batch,
-                           gradient_accumulation_steps=accumulation, optim="sgd", max_steps=2,
-                           dataloader_drop_last=True)  # fmt: skip
+        trainer = _trainer(
+            model,
+            processor,
+            rows,
+            tmp_path,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            max_steps=2,
+            dataloader_drop_last=True,
+        )
         trainer.train()
         finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
     worst = max((finals[0][n] - finals[1][n]).abs().max().item() for n in finals[0])
@@ -128,8 +153,14 @@ def test_lora_save_reload_and_merge_give_same_boxes(setup, rows, tmp_path):
 
 def test_evaluate_by_generation_reports_metrics(setup, rows, tmp_path):
     model, processor = setup
-    trainer = PerceptionGPTTrainer(model=model, args=_args(tmp_path), eval_dataset=rows, processing_class=processor,
-                                   data_collator=DataCollatorForPerceptionGPT(processor), eval_max_new_tokens=4)  # fmt: skip
+    trainer = PerceptionGPTTrainer(
+        model=model,
+        args=_args(tmp_path),
+        eval_dataset=rows,
+        processing_class=processor,
+        data_collator=DataCollatorForPerceptionGPT(processor),
+        eval_max_new_tokens=4,
+    )
     metrics = trainer.evaluate()
     result = evaluate_grounding(model.eval(), processor, rows, batch_size=8, max_new_tokens=4)
     assert metrics["eval_n_eval_rec"] + metrics["eval_n_eval_res"] == len(rows)
@@ -206,8 +237,15 @@ def test_activation_checkpointing_gives_the_same_step(rows, tmp_path):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
-        _trainer(model, processor, rows, tmp_path / str(checkpointing), max_steps=1, optim="sgd",
-                 activation_checkpointing=checkpointing).train()  # fmt: skip
+        _trainer(
+            model,
+            processor,
+            rows,
+            tmp_path / str(checkpointing),
+            max_steps=1,
+            optim="sgd",
+            activation_checkpointing=checkpointing,
+        ).train()
         finals.append(_params(model))
     assert max((finals[0][n] - finals[1][n]).abs().max().item() for n in finals[0]) < 1e-6
 

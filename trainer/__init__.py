@@ -1,9 +1,10 @@
 """Training side of PerceptionGPT: Trainer subclass, PEFT recipe, generation-based evaluation, CLI."""
 
-from .hub import load_adapter, push_to_hub
 from .evaluation import GroundingEvaluation, evaluate_grounding, shuffle_expressions
+from .hub import load_adapter, push_to_hub
 from .peft_recipe import LORA_PRESETS, count_parameters, lora_config
 from .trainer_perceptiongpt import LOSS_PARTS, PerceptionGPTTrainer
+
 
 __all__ = [
     "GroundingEvaluation",

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+
 IMAGE_POSITIONS = ("first", "after_text")
 
 
@@ -16,26 +17,41 @@ def _add_demo(sub):
 
 
 def _add_data_flags(p):
-    p.add_argument("--dataset", choices=("synthetic", "refcoco-refer", "refcoco-parquet"), default="synthetic",
-                   help="synthetic: the embedded dataset; refcoco-refer: refs(*).p + instances.json; "
-                        "refcoco-parquet: the HF parquet layout")  # fmt: skip
+    p.add_argument(
+        "--dataset",
+        choices=("synthetic", "refcoco-refer", "refcoco-parquet"),
+        default="synthetic",
+        help="synthetic: the embedded dataset; refcoco-refer: refs(*).p + instances.json; "
+        "refcoco-parquet: the HF parquet layout",
+    )
     p.add_argument("--data-dir", help="refer layout: folder with refs(*).p and instances.json")
     p.add_argument("--images-dir", help="refer layout: the COCO train2014 image folder")
     p.add_argument("--parquet", nargs="+", help="parquet layout: the parquet files")
-    p.add_argument("--split", default=None, help="split name (synthetic: train/validation/test; RefCOCO: "
-                                                   "train/val/testA/testB/test)")  # fmt: skip
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split name (synthetic: train/validation/test; RefCOCO: train/val/testA/testB/test)",
+    )
     p.add_argument("--task", choices=("rec", "res"), default="rec", help="RefCOCO rows as REC or RES")
     p.add_argument("--num-samples", type=int, default=1000, help="synthetic: rows to generate")
-    p.add_argument("--image-position", choices=IMAGE_POSITIONS, default="after_text",
-                   help="put the image before the question (first) or after it (after_text, the demo's choice)")  # fmt: skip
+    p.add_argument(
+        "--image-position",
+        choices=IMAGE_POSITIONS,
+        default="after_text",
+        help="put the image before the question (first) or after it (after_text, the demo's choice)",
+    )
 
 
 def _add_train(sub):
     p = sub.add_parser("train", help="fine-tune a PerceptionGPT folder on a supported dataset")
     p.add_argument("--model", required=True, help="a saved PerceptionGPT folder (model + processor) or repo id")
     p.add_argument("--output", required=True, help="output folder (checkpoints and the final model)")
-    p.add_argument("--lora", choices=("none", "paper", "full"), default="none",
-                   help="PEFT LoRA preset (none = train every weight)")  # fmt: skip
+    p.add_argument(
+        "--lora",
+        choices=("none", "paper", "full"),
+        default="none",
+        help="PEFT LoRA preset (none = train every weight)",
+    )
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="per-device batch size")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
@@ -61,8 +77,12 @@ def _add_predict(sub):
     p.add_argument("--prompt", required=True, help='the question, e.g. "Where is the red circle?"')
     p.add_argument("--output", help="PNG with the boxes, masks and labels drawn")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation budget")
-    p.add_argument("--image-position", choices=IMAGE_POSITIONS, default="after_text",
-                   help="where the image goes relative to the question")  # fmt: skip
+    p.add_argument(
+        "--image-position",
+        choices=IMAGE_POSITIONS,
+        default="after_text",
+        help="where the image goes relative to the question",
+    )
 
 
 def _load(model_ref):
@@ -104,15 +124,28 @@ def _train(args):
     if args.lora != "none":
         model = get_peft_model(model, lora_config(model, preset=args.lora))
     training_args = TrainingArguments(
-        output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        lr_scheduler_type="linear", logging_steps=10, save_steps=max(args.steps // 4, 1), seed=args.seed,
-        remove_unused_columns=False, report_to=[],
-    )  # fmt: skip
+        output_dir=args.output,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=10,
+        save_steps=max(args.steps // 4, 1),
+        seed=args.seed,
+        remove_unused_columns=False,
+        report_to=[],
+    )
     collator = DataCollatorForPerceptionGPT(processor, image_position=args.image_position)
-    trainer = PerceptionGPTTrainer(model=model, args=training_args, train_dataset=_rows(args, "train"),
-                                   data_collator=collator, processing_class=processor,
-                                   eval_image_position=args.image_position)  # fmt: skip
+    trainer = PerceptionGPTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=_rows(args, "train"),
+        data_collator=collator,
+        processing_class=processor,
+        eval_image_position=args.image_position,
+    )
     trainer.train()
     trainer.save_model(str(Path(args.output) / "final"))
     processor.save_pretrained(str(Path(args.output) / "final"))
@@ -122,9 +155,15 @@ def _eval(args):
     from . import evaluate_grounding
 
     model, processor = _load(args.model)
-    result = evaluate_grounding(model, processor, _rows(args, "test"), batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, image_position=args.image_position,
-                                progress=True)  # fmt: skip
+    result = evaluate_grounding(
+        model,
+        processor,
+        _rows(args, "test"),
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        image_position=args.image_position,
+        progress=True,
+    )
     print(json.dumps(result.metrics, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(result.metrics, indent=2))
@@ -140,21 +179,33 @@ def _predict(args):
     parts = [{"type": "text", "text": args.prompt}, {"type": "image", "image": image}]
     if args.image_position == "first":
         parts.reverse()
-    inputs = processor.apply_chat_template([[{"role": "user", "content": parts}]], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
+    inputs = processor.apply_chat_template(
+        [[{"role": "user", "content": parts}]],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    result = processor.post_process_generation(out, [(image.height, image.width)],
-                                               prompt_length=inputs["input_ids"].shape[1],
-                                               vis_marker="[obj{index}]")[0]  # fmt: skip
+    result = processor.post_process_generation(
+        out, [(image.height, image.width)], prompt_length=inputs["input_ids"].shape[1], vis_marker="[obj{index}]"
+    )[0]
     masks = result["masks"]
-    print(json.dumps({
-        "text": result["text"], "boxes": [[round(v, 2) for v in box] for box in result["boxes"].tolist()],
-        "scores": [round(v, 4) for v in result["scores"].tolist()],
-        "mask_areas": [] if masks is None else [int(m.sum()) for m in masks],
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "text": result["text"],
+                "boxes": [[round(v, 2) for v in box] for box in result["boxes"].tolist()],
+                "scores": [round(v, 4) for v in result["scores"].tolist()],
+                "mask_areas": [] if masks is None else [int(m.sum()) for m in masks],
+            }
+        )
+    )
     if args.output:
         labels = [f"obj{i + 1} {s:.2f}" for i, s in enumerate(result["scores"].tolist())]
-        draw_grounding(image, result["boxes"].tolist(), None if masks is None else masks.numpy(), labels).save(args.output)
+        draw_grounding(image, result["boxes"].tolist(), None if masks is None else masks.numpy(), labels).save(
+            args.output
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

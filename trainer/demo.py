@@ -46,14 +46,25 @@ class DemoRecipe:
 
 def _training_args(output_dir, recipe, seed):
     return TrainingArguments(
-        output_dir=str(output_dir), max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=32, learning_rate=recipe.learning_rate, warmup_steps=recipe.warmup_steps,
-        lr_scheduler_type=recipe.lr_scheduler_type, lr_scheduler_kwargs={"min_lr_rate": recipe.min_lr_rate},
+        output_dir=str(output_dir),
+        max_steps=recipe.steps,
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=32,
+        learning_rate=recipe.learning_rate,
+        warmup_steps=recipe.warmup_steps,
+        lr_scheduler_type=recipe.lr_scheduler_type,
+        lr_scheduler_kwargs={"min_lr_rate": recipe.min_lr_rate},
         weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm, logging_steps=max(recipe.steps // 20, 1), save_strategy="no",
-        report_to=[], remove_unused_columns=False, use_cpu=True, seed=seed, dataloader_num_workers=0,
+        max_grad_norm=recipe.max_grad_norm,
+        logging_steps=max(recipe.steps // 20, 1),
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=seed,
+        dataloader_num_workers=0,
         disable_tqdm=False,
-    )  # fmt: skip
+    )
 
 
 def build_demo(recipe: DemoRecipe, seed: int = 0):
@@ -69,9 +80,11 @@ def build_demo(recipe: DemoRecipe, seed: int = 0):
     ]
     tokenizer = build_tokenizer("bpe", corpus=corpus, vocab_size=recipe.tokenizer_vocab_size)
     config = PerceptionGPTConfig.from_preset(
-        "demo", text_config={"vocab_size": len(tokenizer)}, box_l1_weight=recipe.box_l1_weight,
+        "demo",
+        text_config={"vocab_size": len(tokenizer)},
+        box_l1_weight=recipe.box_l1_weight,
         box_giou_weight=recipe.box_giou_weight,
-    )  # fmt: skip
+    )
     set_seed(seed)
     model = PerceptionGPTForConditionalGeneration(config)
     vision = config.vision_config
@@ -99,9 +112,13 @@ def run_demo(output_dir, steps: int | None = None, seed: int = 0, recipe: DemoRe
     # chat templating is slow next to a tiny model's step: encode the training set once, outside the timed part
     encoded = [collator.encode(row, index) for index, row in enumerate(tqdm(train, desc="encode"))]
     trainer = PerceptionGPTTrainer(
-        model=model, args=_training_args(output_dir / "checkpoints", recipe, seed), train_dataset=encoded,
-        data_collator=collator, processing_class=processor, eval_image_position=recipe.image_position,
-    )  # fmt: skip
+        model=model,
+        args=_training_args(output_dir / "checkpoints", recipe, seed),
+        train_dataset=encoded,
+        data_collator=collator,
+        processing_class=processor,
+        eval_image_position=recipe.image_position,
+    )
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
@@ -114,15 +131,25 @@ def run_demo(output_dir, steps: int | None = None, seed: int = 0, recipe: DemoRe
     blind = evaluate_grounding(model, processor, shuffle_expressions(rec_rows, seed), **kwargs)
     eval_seconds = time.perf_counter() - start
     metrics = {
-        "rec_acc@0.5": result.metrics["rec_acc@0.5"], "rec_acc@0.5_blind": blind.metrics["rec_acc@0.5"],
-        "rec_miou": result.metrics["rec_miou"], "res_ciou": result.metrics["res_ciou"],
-        "res_giou": result.metrics["res_giou"], "steps": recipe.steps, "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1), "n_eval_rec": result.metrics["n_eval_rec"],
-        "n_eval_res": result.metrics["n_eval_res"], "seed": seed, "recipe": asdict(recipe),
-    }  # fmt: skip
+        "rec_acc@0.5": result.metrics["rec_acc@0.5"],
+        "rec_acc@0.5_blind": blind.metrics["rec_acc@0.5"],
+        "rec_miou": result.metrics["rec_miou"],
+        "res_ciou": result.metrics["res_ciou"],
+        "res_giou": result.metrics["res_giou"],
+        "steps": recipe.steps,
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "n_eval_rec": result.metrics["n_eval_rec"],
+        "n_eval_res": result.metrics["n_eval_res"],
+        "seed": seed,
+        "recipe": asdict(recipe),
+    }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _save_examples(output_dir / "examples.png", rec_rows[:8] + res_rows[:8], result.predictions[:8]
-                   + result.predictions[len(rec_rows) : len(rec_rows) + 8])  # fmt: skip
+    _save_examples(
+        output_dir / "examples.png",
+        rec_rows[:8] + res_rows[:8],
+        result.predictions[:8] + result.predictions[len(rec_rows) : len(rec_rows) + 8],
+    )
     _save_model(output_dir / "model", model, processor, metrics, recipe)
     return metrics
 
@@ -140,14 +167,19 @@ def _save_examples(path, rows, predictions):
 def _save_model(path, model, processor, metrics, recipe):
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    training = (f"Trained from scratch with `perceptiongpt demo` on CPU: {recipe.steps} steps, batch "
-                f"{recipe.batch_size}, AdamW lr {recipe.learning_rate} ({recipe.lr_scheduler_type}, "
-                f"{recipe.warmup_steps} warm-up steps), box loss 5*L1 + 2*GIoU, mask loss Dice + BCE.")  # fmt: skip
-    data = ("The embedded synthetic referring dataset (`perceptiongpt.processing.synthetic`, demo difficulty: 64 px, "
-            "3-5 shapes, expressions by colour, shape or size), REC and RES tasks.")  # fmt: skip
+    training = (
+        f"Trained from scratch with `perceptiongpt demo` on CPU: {recipe.steps} steps, batch "
+        f"{recipe.batch_size}, AdamW lr {recipe.learning_rate} ({recipe.lr_scheduler_type}, "
+        f"{recipe.warmup_steps} warm-up steps), box loss 5*L1 + 2*GIoU, mask loss Dice + BCE."
+    )
+    data = (
+        "The embedded synthetic referring dataset (`perceptiongpt.processing.synthetic`, demo difficulty: 64 px, "
+        "3-5 shapes, expressions by colour, shape or size), REC and RES tasks."
+    )
     card_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    card = model_card(card_metrics, "perceptiongpt/demo", "PerceptionGPT synthetic (demo)", "perceptiongpt-synthetic",
-                      training, data)  # fmt: skip
+    card = model_card(
+        card_metrics, "perceptiongpt/demo", "PerceptionGPT synthetic (demo)", "perceptiongpt-synthetic", training, data
+    )
     card.save(str(path / "README.md"))
 
 

@@ -54,9 +54,15 @@ def _prompt(collator, row, index):
 
 @torch.no_grad()
 def evaluate_grounding(
-    model, processor, rows, batch_size: int = 8, max_new_tokens: int = 16, image_position: str = "first",
-    progress: bool = False, coordinate_format: str = "vis",
-) -> GroundingEvaluation:  # fmt: skip
+    model,
+    processor,
+    rows,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    image_position: str = "first",
+    progress: bool = False,
+    coordinate_format: str = "vis",
+) -> GroundingEvaluation:
     """Generate on `rows` (DESIGN.md's schema; tasks "rec" and "res" are scored) and compute the metrics.
 
     With `coordinate_format="text"` (the text-coordinate baseline) boxes are parsed from the generated text, an
@@ -81,11 +87,16 @@ def evaluate_grounding(
                 boxes.append(list(row["boxes"][:n_prompt]))
                 targets.append(n_prompt)
             inputs = processor.apply_chat_template(
-                prompts, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                prompts,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
                 processor_kwargs={"boxes": boxes},
-            ).to(device)  # fmt: skip
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 return_dict_in_generate=True)  # fmt: skip
+            ).to(device)
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True
+            )
             sizes = [(row["image"].height, row["image"].width) for row in batch]
             results = processor.post_process_generation(out, sizes, prompt_length=inputs["input_ids"].shape[1])
             for row, result, target, size in zip(batch, results, targets, sizes):

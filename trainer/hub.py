@@ -20,11 +20,24 @@ from transformers import Trainer
 
 from perceptiongpt.hub_cards import ADAPTER_TAGS, TAGS, model_card, retarget_model_card
 
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json") + tuple(f"*{s}" for s in PICKLE_SUFFIXES)
 # Never uploaded from a folder: Trainer bookkeeping (pickled, and not part of the model) and local clutter.
-SKIPPED = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
-           "checkpoint-*", "runs", "__pycache__", "*.pyc", ".git", ".cache")  # fmt: skip
+SKIPPED = (
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+    "checkpoint-*",
+    "runs",
+    "__pycache__",
+    "*.pyc",
+    ".git",
+    ".cache",
+)
 DEFAULT_COMMIT_MESSAGE = "Upload PerceptionGPT model, processor, code and card"
 
 
@@ -49,15 +62,19 @@ def _check_folder(folder: Path) -> bool:
             raise ValueError(f"The adapter folder has no `adapter_model.safetensors`; found {sorted(files)}.")
         return True
     if "config.json" not in files:
-        raise ValueError(f"Expected a model folder (`config.json`) or an adapter folder (`adapter_config.json`), "
-                         f"found {sorted(files)}.")  # fmt: skip
+        raise ValueError(
+            f"Expected a model folder (`config.json`) or an adapter folder (`adapter_config.json`), "
+            f"found {sorted(files)}."
+        )
     if not {"model.safetensors", "model.safetensors.index.json"} & set(files):
         raise ValueError(f"The model folder has no `model.safetensors` (or its index); found {sorted(files)}.")
     entries = (("config.json", "AutoModelForImageTextToText"), ("processor_config.json", "AutoProcessor"))
     for name, auto_class in entries:
         if name not in files:
-            raise ValueError(f"The model folder has no `{name}`: save the processor next to the model "
-                             "(`processor.save_pretrained(folder)`) so that AutoProcessor loads the repo.")  # fmt: skip
+            raise ValueError(
+                f"The model folder has no `{name}`: save the processor next to the model "
+                "(`processor.save_pretrained(folder)`) so that AutoProcessor loads the repo."
+            )
         reference = json.loads((folder / name).read_text()).get("auto_map", {}).get(auto_class)
         module = reference and f"{reference.split('--')[-1].rsplit('.', 1)[0]}.py"
         if module not in files:
@@ -77,20 +94,26 @@ def _trainer_card_fields(trainer: Trainer, adapter: bool) -> dict:
             break
     args = trainer.args
     optim = getattr(args.optim, "value", args.optim)
-    training = (f"Trained with `PerceptionGPTTrainer` for {trainer.state.global_step} steps: batch "
-                f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
-                f"{args.world_size} processes, {optim} lr {args.learning_rate} ({args.lr_scheduler_type}, "
-                f"{args.warmup_steps} warm-up steps), weight decay {args.weight_decay}.")  # fmt: skip
+    training = (
+        f"Trained with `PerceptionGPTTrainer` for {trainer.state.global_step} steps: batch "
+        f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x "
+        f"{args.world_size} processes, {optim} lr {args.learning_rate} ({args.lr_scheduler_type}, "
+        f"{args.warmup_steps} warm-up steps), weight decay {args.weight_decay}."
+    )
     config = getattr(trainer.model, "config", None)
     weights = [getattr(config, f"{part}_weight", None) for part in ("box_l1", "box_giou", "mask_dice", "mask_bce")]
     if None not in weights:
-        training += (f" Loss: LM + {weights[0]} L1 + {weights[1]} GIoU on boxes + {weights[2]} Dice + {weights[3]} "
-                     "BCE on masks.")  # fmt: skip
+        training += (
+            f" Loss: LM + {weights[0]} L1 + {weights[1]} GIoU on boxes + {weights[2]} Dice + {weights[3]} "
+            "BCE on masks."
+        )
     if adapter:
         peft = trainer.model.peft_config[trainer.model.active_adapter]
-        training += (f" LoRA r={peft.r}, alpha={peft.lora_alpha}, dropout={peft.lora_dropout} on "
-                     f"`{peft.target_modules}`; trained in full: {sorted(peft.modules_to_save or [])}; trainable "
-                     f"token rows: {peft.trainable_token_indices}.")  # fmt: skip
+        training += (
+            f" LoRA r={peft.r}, alpha={peft.lora_alpha}, dropout={peft.lora_dropout} on "
+            f"`{peft.target_modules}`; trained in full: {sorted(peft.modules_to_save or [])}; trainable "
+            f"token rows: {peft.trainable_token_indices}."
+        )
     dataset = trainer.train_dataset
     if dataset is None:
         data = "The training data was not recorded."
@@ -99,8 +122,14 @@ def _trainer_card_fields(trainer: Trainer, adapter: bool) -> dict:
         if "task" in (getattr(dataset, "column_names", None) or []):
             data += " (" + ", ".join(f"{task}: {n}" for task, n in sorted(Counter(dataset["task"]).items())) + ")"
         data += "."
-    return {"metrics": metrics, "training": training, "data": data, "dataset_name": "held-out evaluation rows",
-            "dataset_type": "custom", "base_model": _base_model(trainer.model) if adapter else None}  # fmt: skip
+    return {
+        "metrics": metrics,
+        "training": training,
+        "data": data,
+        "dataset_name": "held-out evaluation rows",
+        "dataset_type": "custom",
+        "base_model": _base_model(trainer.model) if adapter else None,
+    }
 
 
 def _base_model(peft_model) -> str | None:
@@ -113,13 +142,20 @@ def _card(card, folder: Path, trainer: Trainer | None, repo_id: str, revision: s
     if isinstance(card, str):
         return ModelCard(card)
     if card is not None and not isinstance(card, Mapping):
-        raise TypeError(f"`card` must be a ModelCard, a markdown string, a mapping of `model_card` arguments or None, "
-                        f"got {type(card).__name__}.")  # fmt: skip
+        raise TypeError(
+            f"`card` must be a ModelCard, a markdown string, a mapping of `model_card` arguments or None, "
+            f"got {type(card).__name__}."
+        )
     if card is None and trainer is None and (folder / "README.md").is_file():
         return retarget_model_card(ModelCard((folder / "README.md").read_text()), repo_id, revision)
-    fields = {"metrics": {}, "dataset_name": "not recorded", "dataset_type": "custom", "base_model": None,
-              "training": "The training recipe was not recorded in this upload.",
-              "data": "The training data was not recorded in this upload."}  # fmt: skip
+    fields = {
+        "metrics": {},
+        "dataset_name": "not recorded",
+        "dataset_type": "custom",
+        "base_model": None,
+        "training": "The training recipe was not recorded in this upload.",
+        "data": "The training data was not recorded in this upload.",
+    }
     if trainer is not None:
         fields.update(_trainer_card_fields(trainer, adapter))
     fields.update(card or {})
@@ -133,9 +169,16 @@ def _with_tags(card: ModelCard, adapter: bool) -> ModelCard:
     return card
 
 
-def push_to_hub(trainer_or_dir, repo_id: str, revision: str | None = None, private: bool = False,
-                commit_message: str = DEFAULT_COMMIT_MESSAGE, token: str | bool | None = None,
-                api: HfApi | None = None, card=None) -> CommitInfo:  # fmt: skip
+def push_to_hub(
+    trainer_or_dir,
+    repo_id: str,
+    revision: str | None = None,
+    private: bool = False,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    token: str | bool | None = None,
+    api: HfApi | None = None,
+    card=None,
+) -> CommitInfo:
     """Upload a PerceptionGPT model (or a PEFT adapter), its processor, its remote code and its card in one commit.
 
     Args:
@@ -184,8 +227,11 @@ def push_to_hub(trainer_or_dir, repo_id: str, revision: str | None = None, priva
             api.create_branch(repo_id, branch=branch, token=token, exist_ok=True)
         uploads = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         # weights of an earlier upload that this one does not overwrite (old shards, pickles) go in the same commit
-        stale = [path for path in api.list_repo_files(repo_id, revision=branch, token=token)
-                 if path not in uploads and any(fnmatch.fnmatch(path, pattern) for pattern in WEIGHT_PATTERNS)]
+        stale = [
+            path
+            for path in api.list_repo_files(repo_id, revision=branch, token=token)
+            if path not in uploads and any(fnmatch.fnmatch(path, pattern) for pattern in WEIGHT_PATTERNS)
+        ]
         operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
         operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path in uploads]
         return api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=branch)
@@ -211,8 +257,14 @@ def load_adapter(base_model, adapter_id, revision: str | None = None, use_safete
             found = os.path.isfile(os.path.join(adapter_id, subfolder, "adapter_model.safetensors"))
         else:
             try:
-                hf_hub_download(adapter_id, "adapter_model.safetensors", subfolder=subfolder or None, revision=revision,
-                                token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"))  # fmt: skip
+                hf_hub_download(
+                    adapter_id,
+                    "adapter_model.safetensors",
+                    subfolder=subfolder or None,
+                    revision=revision,
+                    token=kwargs.get("token"),
+                    cache_dir=kwargs.get("cache_dir"),
+                )
                 found = True
             except EntryNotFoundError:
                 found = False

@@ -2,6 +2,7 @@
 
 from peft import LoraConfig
 
+
 # Modules trained in full and saved with the adapter (names are suffix-matched by PEFT).
 PERCEPTION_MODULES = ["box_encoder", "mask_encoder", "box_decoder", "mask_decoder", "mask_feature_fusion"]
 
@@ -9,9 +10,13 @@ LORA_PRESETS = {
     # the paper: LoRA on q,v with r=16, alpha=64, dropout 0.1
     "paper": {"r": 16, "lora_alpha": 64, "lora_dropout": 0.1, "projections": ["q_proj", "v_proj"]},
     # every attention and MLP projection: more capacity for small models trained briefly
-    "full": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-             "projections": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-}  # fmt: skip
+    "full": {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "projections": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+}
 
 
 def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **overrides) -> LoraConfig:

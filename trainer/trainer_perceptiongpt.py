@@ -15,6 +15,7 @@ from perceptiongpt.region_inputs import vis_targets
 
 from .evaluation import evaluate_grounding
 
+
 LOSS_PARTS = ("lm_loss", "box_l1_loss", "box_giou_loss", "mask_dice_loss", "mask_bce_loss")
 
 
@@ -108,9 +109,13 @@ class PerceptionGPTTrainer(Trainer):
         was_training = model.training
         model.eval()
         result = evaluate_grounding(
-            model, self.processing_class, dataset, batch_size=self.args.per_device_eval_batch_size,
-            max_new_tokens=self.eval_max_new_tokens, image_position=self.eval_image_position,
-        )  # fmt: skip
+            model,
+            self.processing_class,
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            max_new_tokens=self.eval_max_new_tokens,
+            image_position=self.eval_image_position,
+        )
         model.train(was_training)
         metrics = {
             f"{metric_key_prefix}_{key}": value

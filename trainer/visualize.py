@@ -3,6 +3,7 @@
 import numpy as np
 from PIL import Image, ImageDraw
 
+
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 

@@ -2,10 +2,12 @@
 
 The maths lives in `perceptiongpt.processing.metrics`; this file only declares the input features.
 """
+
 import datasets
 import evaluate
 
 from perceptiongpt.processing.metrics import multi_object_f1
+
 
 _CITATION = """@inproceedings{pi2024perceptiongpt,
   title={PerceptionGPT: Effectively Fusing Visual Perception into LLM},

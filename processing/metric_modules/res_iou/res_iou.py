@@ -4,10 +4,12 @@ The maths lives in `perceptiongpt.processing.metrics`; this file only declares t
 as nested lists of bools (the arrow features need a fixed type), so very large evaluations are faster with the
 plain function `res_iou`.
 """
+
 import datasets
 import evaluate
 
 from perceptiongpt.processing.metrics import res_iou
+
 
 _CITATION = """@inproceedings{pi2024perceptiongpt,
   title={PerceptionGPT: Effectively Fusing Visual Perception into LLM},
