@@ -43,7 +43,15 @@ setup(
     ],
     extras_require={
         "train": ["peft>=0.17", "accelerate>=1.0", "matplotlib"],
-        "test": ["pytest", "hypothesis", "peft>=0.17", "accelerate>=1.0", "matplotlib"],
+        "test": [
+            "pytest",
+            "pytest-randomly",
+            "hypothesis",
+            "ruff==0.17.6",
+            "peft>=0.17",
+            "accelerate>=1.0",
+            "matplotlib",
+        ],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["perceptiongpt=perceptiongpt.trainer.cli:main"]},

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny random models and hand-built inputs. No network."""
 
 import os
+import random
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,12 +13,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 torch.set_num_threads(1)
 
+import perceptiongpt  # noqa: E402, F401  (registers the Auto classes once, before any test snapshots the registries)
+
+
 IMAGE, VIS = 4, 5  # SPECIAL_TOKEN_IDS of the tiny preset
 
-# Prepended to subprocess scripts: `import perceptiongpt` fails, so only shipped remote code can load the model.
+# Floats computed in two processes agree to rounding only: with the same weights, inputs and thread count, the
+# kernels picked at run time (vector width, reduction order) still move fp32 results by a few ulps (~1e-7 on the
+# O(1) logits and boxes of the tiny model). 1e-6 is ten times that, and far below a real defect (one wrong weight
+# moves the logits by > 1e-2). Token ids and tensors read from the same file stay exactly equal.
+CROSS_PROCESS_TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
+
+# Prepended to subprocess scripts: `import perceptiongpt` fails, so only shipped remote code can load the model, and
+# torch runs on one thread as in this process.
 BLOCK_PACKAGE = textwrap.dedent(
     """
     import importlib.abc, sys
+    import torch
+    torch.set_num_threads(1)
     class _Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name == "perceptiongpt" or name.startswith("perceptiongpt."):
@@ -24,6 +38,42 @@ BLOCK_PACKAGE = textwrap.dedent(
     sys.meta_path.insert(0, _Block())
     """
 )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: builds or installs the package (runs in CI; deselect with -m 'not slow')"
+    )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.pluginmanager.hasplugin("randomly"):  # printed even under -q, so that a failing order can be replayed
+        seed = config.getoption("randomly_seed")
+        terminalreporter.write_line(f"shuffled with pytest-randomly: replay with -p randomly --randomly-seed={seed}")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test subprocess: offline, one OpenMP thread, nothing from this checkout on the path."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": "", **extra}
+
+
+@pytest.fixture(autouse=True)
+def isolated_global_state():
+    """Every test starts from the same seeds and leaves threads, env vars and Auto registrations as it found them."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, MODEL_MAPPING
+
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    registries = [CONFIG_MAPPING, MODEL_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING]
+    registered = [dict(registry._extra_content) for registry in registries]
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    yield
+    torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(environ)
+    for registry, content in zip(registries, registered):
+        registry._extra_content.clear()
+        registry._extra_content.update(content)
 
 
 @pytest.fixture

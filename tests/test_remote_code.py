@@ -1,20 +1,18 @@
 """A saved folder (and a Hub-style offline cache) loads with trust_remote_code=True in a process that cannot
-import perceptiongpt, and gives the in-package model's logits exactly."""
+import perceptiongpt, and gives the in-package model's logits to rounding."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import textwrap
 
 import torch
-from conftest import BLOCK_PACKAGE, make_batch
+from conftest import BLOCK_PACKAGE, CROSS_PROCESS_TOLERANCE, make_batch, subprocess_env
 
 
 LOAD_AND_RUN = BLOCK_PACKAGE + textwrap.dedent(
     """
-    import sys, torch
     from transformers import AutoModelForImageTextToText
     try:
         import perceptiongpt
@@ -38,7 +36,7 @@ def _run_isolated(tmp_path, model_ref, env_extra=None):
     boxes[1, 1] = torch.tensor([0.2, 0.2, 0.6, 0.9])
     inputs = {"input_ids": ids, "pixel_values": pixels, "vis_boxes": boxes}
     torch.save(inputs, tmp_path / "inputs.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", **(env_extra or {})}
+    env = subprocess_env(**(env_extra or {}))
     result = subprocess.run(
         [sys.executable, "-c", LOAD_AND_RUN, model_ref, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
         cwd=tmp_path,
@@ -82,10 +80,11 @@ def test_remote_code_from_folder_matches_package(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "model")
     inputs, remote = _run_isolated(tmp_path, str(tmp_path / "model"))
     logits, out = _expected(tiny_model, inputs)
-    assert torch.equal(remote["logits"], logits)
+    torch.testing.assert_close(remote["logits"], logits, **CROSS_PROCESS_TOLERANCE)
     assert torch.equal(remote["sequences"], out.sequences)
+    assert len(remote["boxes"]) == len(out.pred_boxes)
     for a, b in zip(remote["boxes"], out.pred_boxes):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, **CROSS_PROCESS_TOLERANCE)
 
 
 def test_remote_code_from_offline_hub_cache(tiny_model, tmp_path):
@@ -97,7 +96,7 @@ def test_remote_code_from_offline_hub_cache(tiny_model, tmp_path):
     (repo / "refs" / "main").write_text(commit)
     inputs, remote = _run_isolated(tmp_path, "perception/tiny", {"HF_HOME": str(tmp_path / "hf_home")})
     logits, _ = _expected(tiny_model, inputs)
-    assert torch.equal(remote["logits"], logits)
+    torch.testing.assert_close(remote["logits"], logits, **CROSS_PROCESS_TOLERANCE)
     shutil.rmtree(tmp_path / "hf_home")
 
 
