@@ -25,17 +25,29 @@ def _check_positive(config, *names):
 
 @strict
 class BoxHeadConfig(PreTrainedConfig):
-    """Box encoder (normalized xyxy -> hidden) and box decoder (hidden -> normalized xyxy)."""
+    """Box encoder (normalized xyxy -> hidden) and box decoder (hidden -> normalized xyxy).
+
+    decoder_type: how the box is read from the state that predicts `<vis>` (benchmarks/head_ablation.py measures them):
+        "mlp": the paper's regression MLP, in an ordered parametrization (x1 <= x2, y1 <= y2, no clamp);
+        "bins": per ordered coordinate, logits over `num_bins` values; expectation + distribution focal loss;
+        "query": the state attends the fused patch features; the box contains the attended centre;
+        "mask": the box of the decoded mask (its mass centre and spread);
+        "legacy_cxcywh": sigmoid cxcywh clamped to [0, 1], only for folders saved before this field existed.
+    """
 
     model_type = "perceptiongpt_box_head"
     base_config_key = "box_head_config"
 
     hidden_size: int = 512  # width of the encoder/decoder MLPs (paper: 512)
     num_layers: int = 3  # Linear layers per MLP (paper: 3)
+    decoder_type: Literal["mlp", "bins", "query", "mask", "legacy_cxcywh"] = "mlp"
+    num_bins: int = 32  # values per coordinate of the "bins" design
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         _check_positive(self, "hidden_size", "num_layers")
+        if self.num_bins < 2:
+            raise ValueError(f"`num_bins` must be >= 2, got {self.num_bins}.")
 
 
 @strict
@@ -57,6 +69,9 @@ class MaskHeadConfig(PreTrainedConfig):
     mask_size: int = 256  # side of the square mask frame (supervision and output; paper: 256)
     encoder_channels: int = 64  # mask encoder width (paper's ResNet encoder: 32 -> 64)
     encoder_num_layers: int = 4  # stride-2 conv stages of the mask encoder
+    # "grid": pool to encoder_grid x encoder_grid and flatten (keeps the location); "mean": global average (legacy)
+    encoder_type: Literal["grid", "mean"] = "grid"
+    encoder_grid: int = 4
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -71,6 +86,7 @@ class MaskHeadConfig(PreTrainedConfig):
             "mask_size",
             "encoder_channels",
             "encoder_num_layers",
+            "encoder_grid",
         )
         if self.num_upsample_layers < 0:
             raise ValueError(f"`num_upsample_layers` must be >= 0, got {self.num_upsample_layers}.")
@@ -80,6 +96,21 @@ class MaskHeadConfig(PreTrainedConfig):
                 f"`hidden_size // attention_downsample_rate` ({inner}) must be divisible by `num_attention_heads` "
                 f"({self.num_attention_heads})."
             )
+
+
+LOSS_WEIGHTS = (
+    "lm_loss_weight",
+    "box_l1_weight",
+    "box_giou_weight",
+    "mask_dice_weight",
+    "mask_bce_weight",
+    "box_dfl_weight",
+)
+# Folders saved before a head field existed were built with these designs; `from_dict` fills them in when absent.
+LEGACY_HEAD_FIELDS = {
+    "box_head_config": {"decoder_type": "legacy_cxcywh"},
+    "mask_head_config": {"encoder_type": "mean"},
+}
 
 
 @strict
@@ -114,6 +145,7 @@ class PerceptionGPTConfig(LlavaConfig):
     box_giou_weight: float = 1.0
     mask_dice_weight: float = 1.0
     mask_bce_weight: float = 1.0
+    box_dfl_weight: float = 1.0  # distribution focal loss of the "bins" box decoder (0 for the other designs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -127,7 +159,7 @@ class PerceptionGPTConfig(LlavaConfig):
             raise ValueError(
                 f"`vision_fusion_layers` must index the {num_hidden_states} ViT hidden states, got out-of-range {bad}."
             )
-        for name in ("lm_loss_weight", "box_l1_weight", "box_giou_weight", "mask_dice_weight", "mask_bce_weight"):
+        for name in LOSS_WEIGHTS:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")
@@ -139,6 +171,16 @@ class PerceptionGPTConfig(LlavaConfig):
                 )
         if self.vis_token_id == self.image_token_id:
             raise ValueError(f"`vis_token_id` and `image_token_id` must differ, both are {self.vis_token_id}.")
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """`PreTrainedConfig.from_dict`, where a head sub-config without `decoder_type` / `encoder_type` (a folder
+        saved before those fields) keeps the design it was saved with rather than today's default."""
+        config_dict = dict(config_dict)
+        for key, legacy in LEGACY_HEAD_FIELDS.items():
+            if isinstance(config_dict.get(key), dict):
+                config_dict[key] = {**legacy, **config_dict[key]}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def patch_grid_size(self) -> int:
@@ -255,7 +297,7 @@ _PRESETS = {
         "image_seq_length": 576,
         "fuse_llm_features": True,
         "region_embedding_mode": "replace",
-        "box_head_config": {"hidden_size": 512, "num_layers": 3},
+        "box_head_config": {"hidden_size": 512, "num_layers": 3, "decoder_type": "mlp"},
         "mask_head_config": {
             "hidden_size": 1024,
             "num_hidden_layers": 2,

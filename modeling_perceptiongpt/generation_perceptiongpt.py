@@ -190,7 +190,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             image_idx = state.sample_image[[sample for _, sample, _ in todo]]  # (N,)
             has_image = image_idx >= 0
             features = state.mask_features[image_idx.clamp(min=0)]  # (N, g*g, C)
-        boxes, decoded = self.decode_regions(hidden, features, has_image, has_image)  # (N, 4), (N_m, S, S)
+        box, decoded = self.decode_regions(hidden, features, has_image, has_image)  # (N, 4), (N_m, S, S)
+        boxes = box.boxes
         masks = [None] * len(todo)
         if decoded is not None:
             for j, i in enumerate(has_image.nonzero(as_tuple=True)[0].tolist()):

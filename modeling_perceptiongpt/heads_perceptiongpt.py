@@ -1,4 +1,4 @@
-"""Light perception heads: box encoder/decoder, mask encoder, adaptive ViT layer fusion.
+"""Light perception heads: box encoder, mask encoder, adaptive ViT layer fusion (box decoders: box_decoders_*).
 
 Shapes: N = number of `<vis>` slots, D = text hidden size, L = fused ViT layers, P = patches, C = ViT width,
 S = mask frame side. Boxes are normalized xyxy in [0, 1].
@@ -8,18 +8,8 @@ import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamLayerNorm
 
-from .box_ops import box_cxcywh_to_xyxy
+from .box_decoders_perceptiongpt import mlp
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig
-
-
-def _mlp(in_dim: int, hidden: int, out_dim: int, num_layers: int) -> nn.Sequential:
-    dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
-    layers = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < num_layers - 1:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 class BoxEncoder(nn.Module):
@@ -27,31 +17,19 @@ class BoxEncoder(nn.Module):
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int):
         super().__init__()
-        self.mlp = _mlp(4, config.hidden_size, text_hidden_size, config.num_layers)
+        self.mlp = mlp(4, config.hidden_size, text_hidden_size, config.num_layers)
 
     def forward(self, boxes_xyxy: torch.Tensor) -> torch.Tensor:
         return self.mlp(boxes_xyxy)  # (N, 4) -> (N, D)
 
 
-class BoxDecoder(nn.Module):
-    """Hidden state -> normalized xyxy box.
-
-    The MLP predicts sigmoid (cx, cy, w, h); converting to corners and clamping to [0, 1] guarantees x1 <= x2 and
-    y1 <= y2 for any input. The last layer starts at zero, so the first prediction is the centred half-size box.
-    """
-
-    def __init__(self, config: BoxHeadConfig, text_hidden_size: int):
-        super().__init__()
-        self.mlp = _mlp(text_hidden_size, config.hidden_size, 4, config.num_layers)
-        self.mlp[-1].zero_init = True  # read by PerceptionGPTPreTrainedModel._init_weights
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        boxes_cxcywh = self.mlp(hidden).float().sigmoid()  # (N, D) -> (N, 4)
-        return box_cxcywh_to_xyxy(boxes_cxcywh).clamp(0.0, 1.0)  # (N, 4) xyxy
-
-
 class MaskEncoder(nn.Module):
-    """Bool/float mask in the mask frame -> a `<vis>` input embedding (a small strided conv net)."""
+    """Bool/float mask in the mask frame -> a `<vis>` input embedding (a small strided conv net).
+
+    `encoder_type="grid"` pools the conv map to a fixed `encoder_grid` x `encoder_grid` layout and flattens it, so
+    the embedding keeps WHERE the mask is (the paper flattens its 8x8 map). `"mean"`, the global average of folders
+    saved before the field existed, is nearly translation-invariant.
+    """
 
     def __init__(self, config: MaskHeadConfig, text_hidden_size: int):
         super().__init__()
@@ -64,11 +42,13 @@ class MaskEncoder(nn.Module):
             ]
             channels = config.encoder_channels
         self.convs = nn.Sequential(*layers)
-        self.proj = nn.Linear(config.encoder_channels, text_hidden_size)
+        cells = config.encoder_grid**2 if config.encoder_type == "grid" else 1
+        self.pool = nn.AdaptiveAvgPool2d(config.encoder_grid if config.encoder_type == "grid" else 1)
+        self.proj = nn.Linear(config.encoder_channels * cells, text_hidden_size)
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
         x = self.convs(masks[:, None].to(self.proj.weight.dtype))  # (N, S, S) -> (N, c, S', S')
-        return self.proj(x.mean(dim=(2, 3)))  # (N, c) -> (N, D)
+        return self.proj(self.pool(x).flatten(1))  # (N, c * cells) -> (N, D)
 
 
 class LayerFusion(nn.Module):
@@ -88,4 +68,4 @@ class LayerFusion(nn.Module):
         return torch.einsum("l,lnpc->npc", weights, stacked)  # (N_img, P, C)
 
 
-__all__ = ["BoxEncoder", "BoxDecoder", "MaskEncoder", "LayerFusion"]
+__all__ = ["BoxEncoder", "MaskEncoder", "LayerFusion"]

@@ -8,6 +8,7 @@ Shapes: N = `<vis>` targets, S = mask frame side. Boxes are normalized xyxy.
 import torch
 import torch.nn.functional as F
 
+from .box_decoders_perceptiongpt import ordered_params_from_box_xyxy
 from .box_ops import generalized_box_xyxy_iou
 
 
@@ -19,6 +20,21 @@ def box_l1_loss_sum(pred_boxes: torch.Tensor, target_boxes: torch.Tensor) -> tor
 def box_giou_loss_sum(pred_boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
     """Sum of 1 - GIoU, computed on xyxy (the official code wrongly read xyxy as cxcywh): (N, 4), (N, 4) -> ()."""
     return (1 - generalized_box_xyxy_iou(pred_boxes, target_boxes)).sum()
+
+
+def box_dfl_loss_sum(bin_logits: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
+    """GFL's distribution focal loss on the ordered coordinates (u_x, f_x, u_y, f_y): cross-entropy on the two bins
+    around each target value, weighted by nearness; mean over the 4 coordinates, summed over boxes.
+    (N, 4, n) logits over n values linspace(0, 1, n), (N, 4) xyxy targets -> ()."""
+    n = bin_logits.shape[-1]
+    position = ordered_params_from_box_xyxy(target_boxes.float()) * (n - 1)  # (N, 4) in [0, n - 1]
+    low = position.floor().clamp(max=n - 2)  # (N, 4)
+    high_weight = position - low  # (N, 4) in [0, 1]
+    log_probs = bin_logits.float().log_softmax(-1)  # (N, 4, n)
+    low_log_prob = log_probs.gather(-1, low.long()[..., None])[..., 0]  # (N, 4)
+    high_log_prob = log_probs.gather(-1, low.long()[..., None] + 1)[..., 0]  # (N, 4)
+    loss = -((1 - high_weight) * low_log_prob + high_weight * high_log_prob)  # (N, 4)
+    return loss.mean(-1).sum()
 
 
 def mask_dice_loss_sum(mask_logits: torch.Tensor, target_masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -39,4 +55,4 @@ def mask_bce_loss_sum(mask_logits: torch.Tensor, target_masks: torch.Tensor) -> 
     return bce.flatten(1).mean(-1).sum()
 
 
-__all__ = ["box_l1_loss_sum", "box_giou_loss_sum", "mask_dice_loss_sum", "mask_bce_loss_sum"]
+__all__ = ["box_dfl_loss_sum", "box_l1_loss_sum", "box_giou_loss_sum", "mask_dice_loss_sum", "mask_bce_loss_sum"]

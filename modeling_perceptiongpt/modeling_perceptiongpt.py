@@ -20,10 +20,17 @@ from transformers.models.llava.modeling_llava import (
 )
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 
+from .box_decoders_perceptiongpt import build_box_decoder
 from .configuration_perceptiongpt import PerceptionGPTConfig
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
-from .heads_perceptiongpt import BoxDecoder, BoxEncoder, LayerFusion, MaskEncoder
-from .losses_perceptiongpt import box_giou_loss_sum, box_l1_loss_sum, mask_bce_loss_sum, mask_dice_loss_sum
+from .heads_perceptiongpt import BoxEncoder, LayerFusion, MaskEncoder
+from .losses_perceptiongpt import (
+    box_dfl_loss_sum,
+    box_giou_loss_sum,
+    box_l1_loss_sum,
+    mask_bce_loss_sum,
+    mask_dice_loss_sum,
+)
 from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
 from .region_inputs import check_region_inputs, image_index_per_token, vis_slot_index, vis_targets
 
@@ -43,6 +50,7 @@ class PerceptionGPTCausalLMOutput(LlavaCausalLMOutputWithPast):
     box_giou_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
     mask_bce_loss: torch.FloatTensor | None = None
+    box_dfl_loss: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     pred_masks: torch.FloatTensor | None = None
 
@@ -213,7 +221,9 @@ class PerceptionGPTForConditionalGeneration(
         self.model = PerceptionGPTModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         vision = config.vision_config
-        self.box_decoder = BoxDecoder(config.box_head_config, config.text_config.hidden_size)
+        self.box_decoder = build_box_decoder(
+            config.box_head_config, config.text_config.hidden_size, vision.hidden_size, config.patch_grid_size
+        )
         self.mask_decoder = MaskDecoder(
             config.mask_head_config, config.text_config.hidden_size, vision.hidden_size, config.patch_grid_size
         )
@@ -223,15 +233,20 @@ class PerceptionGPTForConditionalGeneration(
         """Boxes and masks of `<vis>` slots from the states that predict them.
 
         hidden (N, D); image_features (N, g*g, C) fused patches of each slot's image (any value where `has_image`
-        (N,) is False); want_masks (N,) bool. Returns boxes (N, 4) normalized xyxy and mask logits (N_m, S, S) for
-        the rows `want_masks & has_image` in order, or None when there are none.
+        (N,) is False); want_masks (N,) bool. Returns a `BoxPrediction` (boxes (N, 4) normalized xyxy) and mask
+        logits (N_m, S, S) for the rows `want_masks & has_image` in order, or None when there are none. A box
+        decoder that reads masks (`decoder_type="mask"`) gets them for every row with an image.
         """
         has_image = (
             torch.zeros(len(hidden), dtype=torch.bool, device=hidden.device) if has_image is None else has_image
         )
         want_masks = has_image if want_masks is None else want_masks & has_image
-        masks = self.mask_decoder(hidden[want_masks], image_features[want_masks]) if want_masks.any() else None
-        return self.box_decoder(hidden), masks
+        decode = has_image if self.box_decoder.needs_masks else want_masks  # (N,)
+        masks = self.mask_decoder(hidden[decode], image_features[decode]) if decode.any() else None
+        box = self.box_decoder(hidden, image_features, has_image, masks)
+        if masks is not None and self.box_decoder.needs_masks:
+            masks = masks[want_masks[has_image]] if want_masks.any() else None
+        return box, masks
 
     def forward(
         self,
@@ -311,6 +326,7 @@ class PerceptionGPTForConditionalGeneration(
             + config.box_giou_weight * result.box_giou_loss
             + config.mask_dice_weight * result.mask_dice_loss
             + config.mask_bce_weight * result.mask_bce_loss
+            + config.box_dfl_weight * result.box_dfl_loss
         )
         return result
 
@@ -319,7 +335,8 @@ class PerceptionGPTForConditionalGeneration(
     ):
         """Fills the box and mask losses of `result` from the states that predict each target `<vis>`."""
         zero = hidden.sum() * 0.0  # keeps the graph connected when a batch has no targets
-        result.box_l1_loss = result.box_giou_loss = result.mask_dice_loss = result.mask_bce_loss = zero
+        result.box_l1_loss = result.box_giou_loss = result.box_dfl_loss = zero
+        result.mask_dice_loss = result.mask_bce_loss = zero
         if input_ids is None or vis_boxes is None:
             return
         rows, cols, slots, has_box, has_mask = vis_targets(self.config, input_ids, labels, vis_boxes, vis_mask_valid)
@@ -334,12 +351,14 @@ class PerceptionGPTForConditionalGeneration(
             features = result.image_outputs.mask_features[image_idx.clamp(min=0)]  # (N, g*g, C)
         has_image = image_idx >= 0
         want_masks = (has_mask & has_image) if vis_masks is not None else torch.zeros_like(has_mask)
-        boxes, pred_masks = self.decode_regions(states, features, has_image, want_masks)  # (N, 4), (N_m, S, S)
+        box, pred_masks = self.decode_regions(states, features, has_image, want_masks)  # (N, 4), (N_m, S, S)
         gt_boxes = vis_boxes.to(hidden.device)[rows[has_box], slots[has_box]].float()  # (N_box, 4)
-        pred_boxes = boxes[has_box]  # (N_box, 4)
+        pred_boxes = box.boxes[has_box]  # (N_box, 4)
         denom = torch.as_tensor(has_box.sum() if num_vis is None else num_vis, device=hidden.device).clamp(min=1)
         result.box_l1_loss = box_l1_loss_sum(pred_boxes, gt_boxes) / denom
         result.box_giou_loss = box_giou_loss_sum(pred_boxes, gt_boxes) / denom
+        if box.bin_logits is not None:
+            result.box_dfl_loss = box_dfl_loss_sum(box.bin_logits[has_box], gt_boxes) / denom
         result.pred_boxes = pred_boxes
         if pred_masks is None:
             return

@@ -49,7 +49,7 @@ def _teacher_forced(model, out, ids, attention, pixels, boxes):
     err, count = 0.0, 0
     for r in range(rows):
         for j, p in enumerate(out.vis_positions[r].tolist()):
-            box = model.box_decoder(tf.last_hidden_state[r, p - 1][None])[0]
+            box = model.box_decoder(tf.last_hidden_state[r, p - 1][None]).boxes[0]
             prob = tf.logits[r, p - 1].softmax(-1)[VIS]
             err = max(
                 err, (box - out.pred_boxes[r][j]).abs().max().item(), abs(prob - out.vis_scores[r][j]).item() / 10

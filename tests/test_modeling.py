@@ -30,13 +30,13 @@ def _masks():
 
 def test_fresh_box_decoder_predicts_centred_box(tiny_config):
     model = PerceptionGPTForConditionalGeneration(tiny_config)
-    boxes = model.box_decoder(torch.randn(3, tiny_config.text_config.hidden_size))
+    boxes = model.box_decoder(torch.randn(3, tiny_config.text_config.hidden_size)).boxes
     assert torch.equal(boxes, torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(3, 4))
     assert torch.equal(model.model.mask_feature_fusion.logits, torch.zeros(len(tiny_config.vision_fusion_layers)))
 
 
 def test_box_decoder_orders_corners(tiny_model):
-    boxes = tiny_model.box_decoder(torch.randn(500, 32) * 10)
+    boxes = tiny_model.box_decoder(torch.randn(500, 32) * 10).boxes
     assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
     assert boxes.min() >= 0 and boxes.max() <= 1
 

@@ -1,0 +1,206 @@
+"""Box decoders: the state that predicts `<vis>` -> a normalized xyxy box, one design per `decoder_type`.
+
+Every design but `legacy_cxcywh` builds its box in an ordered parametrization, so x1 <= x2 and y1 <= y2 inside
+[0, 1] hold by construction and no clamp zeroes a gradient before the loss:
+    x1 = u_x,  x2 = x1 + f_x * (1 - x1),  u_x, f_x in [0, 1]   (the same for y)
+Shapes: N slots, D text hidden, P = g*g patches, C ViT width, S mask side, n bins, d head width.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .box_ops import box_cxcywh_to_xyxy
+from .configuration_perceptiongpt import BoxHeadConfig
+
+
+# Offsets that make zero logits the centred half-size box (0.25, 0.25, 0.75, 0.75): u = 1/4, f = 2/3.
+_CENTRED_OFFSETS = (math.log(1 / 3), math.log(2), math.log(1 / 3), math.log(2))
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, num_layers: int) -> nn.Sequential:
+    dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < num_layers - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def ordered_box_xyxy(unit: torch.Tensor) -> torch.Tensor:
+    """(N, 4) (u_x, f_x, u_y, f_y) in [0, 1] -> (N, 4) xyxy with x1 <= x2, y1 <= y2 in [0, 1]."""
+    ux, fx, uy, fy = unit.unbind(-1)
+    return torch.stack([ux, uy, ux + fx * (1 - ux), uy + fy * (1 - uy)], dim=-1)
+
+
+def ordered_params_from_box_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """The inverse of `ordered_box_xyxy` on valid boxes: (N, 4) xyxy -> (N, 4) (u_x, f_x, u_y, f_y); f = 0 at u = 1."""
+    x1, y1, x2, y2 = boxes.clamp(0, 1).unbind(-1)  # targets only: no gradient flows here
+
+    def fraction(low, high):
+        room = 1 - low
+        return torch.where(room > 0, (high - low).clamp(min=0) / room.clamp(min=1e-12), torch.zeros_like(low))
+
+    return torch.stack([x1, fraction(x1, x2), y1, fraction(y1, y2)], dim=-1)
+
+
+def box_around_centre_xyxy(centre: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """A box that contains `centre` (N, 2) (x, y) in [0, 1]: `spread` (N, 4) in [0, 1] are the fractions of the room
+    to the left, top, right and bottom that it covers -> (N, 4) xyxy, ordered by construction."""
+    cx, cy = centre.unbind(-1)
+    left, top, right, bottom = spread.unbind(-1)
+    return torch.stack([cx * (1 - left), cy * (1 - top), cx + right * (1 - cx), cy + bottom * (1 - cy)], dim=-1)
+
+
+def patch_centres(grid: int, device=None) -> torch.Tensor:
+    """(g*g, 2) normalized (x, y) centres of a row-major patch grid."""
+    steps = (torch.arange(grid, dtype=torch.float32, device=device) + 0.5) / grid
+    ys, xs = torch.meshgrid(steps, steps, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+
+
+@dataclass
+class BoxPrediction:
+    """boxes (N, 4) normalized xyxy; bin_logits (N, 4, n) over (u_x, f_x, u_y, f_y) for `bins`, else None."""
+
+    boxes: torch.Tensor
+    bin_logits: torch.Tensor | None = None
+
+
+class LegacyBoxDecoder(nn.Module):
+    """The design of folders saved before `decoder_type` existed: sigmoid (cx, cy, w, h), corners clamped to [0, 1].
+
+    Kept so that such folders load with their outputs unchanged. The clamp zeroes the gradient of a coordinate that
+    overshoots a border; new models use `mlp` instead.
+    """
+
+    needs_image = needs_masks = False
+
+    def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
+        super().__init__()
+        self.mlp = mlp(text_hidden_size, config.hidden_size, 4, config.num_layers)
+        self.mlp[-1].zero_init = True  # read by PerceptionGPTPreTrainedModel._init_weights
+
+    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+        boxes_cxcywh = self.mlp(hidden).float().sigmoid()  # (N, D) -> (N, 4)
+        return BoxPrediction(box_cxcywh_to_xyxy(boxes_cxcywh).clamp(0.0, 1.0))
+
+
+class MlpBoxDecoder(LegacyBoxDecoder):
+    """The paper's regression MLP on the `<vis>` state, in the ordered parametrization (zero init = centred box)."""
+
+    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+        logits = self.mlp(hidden).float() + hidden.new_tensor(_CENTRED_OFFSETS, dtype=torch.float32)  # (N, 4)
+        return BoxPrediction(ordered_box_xyxy(logits.sigmoid()))
+
+
+class BinBoxDecoder(nn.Module):
+    """Per ordered coordinate, logits over `num_bins` values in [0, 1] read from the `<vis>` state; the box is the
+    expectation (trained with L1/GIoU), the logits get GFL's distribution focal loss (`box_dfl_loss_sum`)."""
+
+    needs_image = needs_masks = False
+
+    def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
+        super().__init__()
+        self.num_bins = config.num_bins
+        self.mlp = mlp(text_hidden_size, config.hidden_size, 4 * config.num_bins, config.num_layers)
+        self.mlp[-1].zero_init = True  # uniform bins at the start
+
+    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+        logits = self.mlp(hidden).float().unflatten(-1, (4, self.num_bins))  # (N, 4, n)
+        values = torch.linspace(0, 1, self.num_bins, device=logits.device)  # (n,)
+        unit = (logits.softmax(-1) * values).sum(-1)  # (N, 4)
+        return BoxPrediction(ordered_box_xyxy(unit), bin_logits=logits)
+
+
+class QueryBoxDecoder(nn.Module):
+    """The `<vis>` state queries the fused patch features: the box contains the attention-weighted patch centre
+    and its extent is read from the query and what it attended. The LLM says WHAT; the image features say WHERE.
+    Rows without an image attend nothing: their centre is the image centre."""
+
+    needs_image, needs_masks = True, False
+
+    def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
+        super().__init__()
+        d = config.hidden_size
+        self.grid_size = grid_size
+        self.query = nn.Linear(text_hidden_size, d)
+        self.key = nn.Linear(vision_hidden_size, d)
+        self.value = nn.Linear(vision_hidden_size, d)
+        self.extent = mlp(2 * d, d, 4, max(config.num_layers - 1, 1))
+        self.extent[-1].zero_init = True  # half of the room on each side at the start
+
+    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+        query = self.query(hidden.to(self.query.weight.dtype))  # (N, d)
+        centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
+        attended = torch.zeros_like(query)  # (N, d)
+        if image_features is not None and has_image is not None and has_image.any():
+            feats = image_features[has_image].to(query.dtype)  # (N_img, P, C)
+            q = query[has_image]  # (N_img, d)
+            scores = torch.einsum("nd,npd->np", q, self.key(feats)) / math.sqrt(q.shape[-1])  # (N_img, P)
+            attention = scores.float().softmax(-1)  # (N_img, P)
+            centres = patch_centres(self.grid_size, device=attention.device)  # (P, 2)
+            centre = centre.index_put((has_image.nonzero(as_tuple=True)[0],), attention @ centres)
+            values = torch.einsum("np,npd->nd", attention.to(feats.dtype), self.value(feats))  # (N_img, d)
+            attended = attended.index_put((has_image.nonzero(as_tuple=True)[0],), values)
+        spread = self.extent(torch.cat([query, attended], dim=-1)).float().sigmoid()  # (N, 4)
+        return BoxPrediction(box_around_centre_xyxy(centre, spread))
+
+
+class MaskBoxDecoder(nn.Module):
+    """The box of the decoded mask: its probability mass gives the centre, and sqrt(3) standard deviations (the
+    half side of a uniform box) give the extent, squashed smoothly into the room on each side. No parameters."""
+
+    needs_image = needs_masks = True
+
+    def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
+        super().__init__()
+
+    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+        centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
+        half = hidden.new_full((len(hidden), 2), 0.25, dtype=torch.float32)  # (N, 2)
+        if mask_logits is not None and has_image is not None and has_image.any():
+            probs = mask_logits.float().sigmoid()  # (N_img, S, S)
+            side = probs.shape[-1]
+            coords = (torch.arange(side, dtype=torch.float32, device=probs.device) + 0.5) / side  # (S,)
+            marginals = torch.stack([probs.sum(-2), probs.sum(-1)], dim=1)  # (N_img, 2, S): over x, over y
+            weights = marginals / (marginals.sum(-1, keepdim=True) + 1e-6)  # (N_img, 2, S)
+            mean = (weights * coords).sum(-1)  # (N_img, 2)
+            std = ((weights * (coords - mean[..., None]) ** 2).sum(-1) + 1e-8).sqrt()  # (N_img, 2)
+            rows = has_image.nonzero(as_tuple=True)[0]
+            centre, half = centre.index_put((rows,), mean), half.index_put((rows,), math.sqrt(3) * std)
+        room = torch.cat([centre, 1 - centre], dim=-1).clamp(min=1e-6)  # (N, 4): left, top, right, bottom
+        spread = torch.tanh(half.repeat(1, 2) / room)  # (N, 4) in [0, 1): smooth, never clamped
+        return BoxPrediction(box_around_centre_xyxy(centre, spread))
+
+
+BOX_DECODERS = {
+    "mlp": MlpBoxDecoder,
+    "bins": BinBoxDecoder,
+    "query": QueryBoxDecoder,
+    "mask": MaskBoxDecoder,
+    "legacy_cxcywh": LegacyBoxDecoder,
+}
+
+
+def build_box_decoder(config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
+    return BOX_DECODERS[config.decoder_type](config, text_hidden_size, vision_hidden_size, grid_size)
+
+
+__all__ = [
+    "BOX_DECODERS",
+    "BinBoxDecoder",
+    "BoxPrediction",
+    "LegacyBoxDecoder",
+    "MaskBoxDecoder",
+    "MlpBoxDecoder",
+    "QueryBoxDecoder",
+    "box_around_centre_xyxy",
+    "build_box_decoder",
+    "ordered_box_xyxy",
+    "ordered_params_from_box_xyxy",
+    "patch_centres",
+]

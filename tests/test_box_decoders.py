@@ -1,0 +1,193 @@
+"""Box-decoding designs (`BoxHeadConfig.decoder_type`), the location-keeping mask encoder, and loading folders saved
+before either existed."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CROSS_PROCESS_TOLERANCE, make_batch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
+from safetensors.torch import load_file
+
+from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
+from perceptiongpt.box_decoders_perceptiongpt import (
+    BOX_DECODERS,
+    ordered_box_xyxy,
+    ordered_params_from_box_xyxy,
+)
+from perceptiongpt.configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig
+from perceptiongpt.heads_perceptiongpt import MaskEncoder
+from perceptiongpt.losses_perceptiongpt import box_dfl_loss_sum, box_l1_loss_sum
+
+
+FIXTURES = Path(__file__).with_name("fixtures")
+DESIGNS = ("mlp", "bins", "query", "mask")
+
+
+def _model(decoder_type, preset="tiny", **overrides):
+    config = PerceptionGPTConfig.from_preset(preset, box_head_config={"decoder_type": decoder_type}, **overrides)
+    model = PerceptionGPTForConditionalGeneration(config)
+    with torch.no_grad():  # move every head off its zero init, so that each design's gradients are exercised
+        for name, parameter in model.named_parameters():
+            if name.startswith(("box_decoder", "mask_decoder")):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    return model
+
+
+def _decode(model, hidden, features):
+    has_image = torch.ones(len(hidden), dtype=torch.bool)
+    box, _ = model.decode_regions(hidden, features, has_image, torch.zeros_like(has_image))
+    return box
+
+
+def _inputs(n=6, hidden=32, patches=16, width=32, scale=1.0):
+    return torch.randn(n, hidden) * scale, torch.randn(n, patches, width) * scale
+
+
+@pytest.mark.parametrize("decoder_type", DESIGNS)
+def test_every_design_orders_corners_inside_the_image(decoder_type):
+    model = _model(decoder_type)
+    for scale in (0.1, 1.0, 30.0):
+        boxes = _decode(model, *_inputs(500, scale=scale)).boxes
+        assert boxes.shape == (500, 4) and torch.isfinite(boxes).all()
+        assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+        assert boxes.min() >= 0 and boxes.max() <= 1
+
+
+@pytest.mark.parametrize("decoder_type", DESIGNS)
+def test_border_target_gets_a_gradient_on_every_wrong_coordinate(decoder_type):
+    """The legacy decoder clamped to [0, 1] before the loss: a coordinate past a border had zero gradient."""
+    model = _model(decoder_type)
+    hidden, features = _inputs(1)
+    target = torch.tensor([0.0, 0.3, 0.5, 1.0])  # touches the left and bottom borders
+    boxes = _decode(model, hidden, features).boxes[0]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for i in range(4):
+        if abs(boxes[i].item() - target[i].item()) < 1e-3:
+            continue
+        grads = torch.autograd.grad((boxes[i] - target[i]).abs(), parameters, retain_graph=True, allow_unused=True)
+        assert sum(g.abs().sum() for g in grads if g is not None) > 0, i
+
+
+def test_legacy_decoder_zeroes_the_gradient_past_a_border():
+    """The defect, kept for old folders only: pred cxcywh (0.2, 0.5, 0.6, 0.4) has x1 = -0.1, clamped to 0."""
+    model = _model("legacy_cxcywh")
+    decoder = model.box_decoder
+    with torch.no_grad():
+        decoder.mlp[-1].weight.zero_()
+        decoder.mlp[-1].bias.copy_(torch.logit(torch.tensor([0.2, 0.5, 0.6, 0.4])))
+    boxes = decoder(torch.randn(1, 32)).boxes[0]
+    (grad,) = torch.autograd.grad((boxes[0] - 0.05).abs(), decoder.mlp[-1].bias)
+    assert boxes[0] == 0 and torch.equal(grad, torch.zeros(4))
+
+
+@pytest.mark.parametrize("decoder_type", DESIGNS)
+def test_every_parameter_gets_a_finite_gradient_in_training(decoder_type):
+    model = _model(decoder_type).train()
+    ids, pixels = make_batch(vis_at=((20,), (20, 25)))
+    labels = torch.full_like(ids, -100)
+    labels[:, 19:] = ids[:, 19:]
+    nan = float("nan")
+    boxes = torch.tensor([[[0.0, 0.1, 0.5, 0.5], [nan] * 4], [[0.2, 0.0, 1.0, 0.4], [0.3, 0.3, 0.4, 0.9]]])
+    out = model(input_ids=ids, pixel_values=pixels, labels=labels, vis_boxes=boxes)
+    assert out.pred_boxes.shape == (3, 4) and out.box_l1_loss > 0 and out.box_giou_loss > 0
+    assert (out.box_dfl_loss > 0) == (decoder_type == "bins")
+    out.loss.backward()
+    for name, parameter in model.box_decoder.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+    if decoder_type == "mask":  # the box is read from the mask: the mask decoder learns from box supervision alone
+        assert model.mask_decoder.hypernetwork[-1].weight.grad.abs().sum() > 0
+
+
+def test_zero_initialized_designs_start_at_the_centred_half_box(tiny_config):
+    model = PerceptionGPTForConditionalGeneration(tiny_config)  # default design, heads at their init
+    boxes = _decode(model, *_inputs(3)).boxes
+    torch.testing.assert_close(boxes, torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(3, 4))
+
+
+def test_ordered_parametrization_round_trips():
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.1, 0.9], [0.25, 0.5, 0.75, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    params = ordered_params_from_box_xyxy(boxes)
+    torch.testing.assert_close(params[0], torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    torch.testing.assert_close(params[2], torch.tensor([0.25, 2 / 3, 0.5, 0.0]))
+    torch.testing.assert_close(ordered_box_xyxy(params), boxes)
+
+
+def test_distribution_focal_loss_by_hand():
+    # 5 bins at 0, .25, .5, .75, 1; target u_x = 0.3 -> position 1.2: 0.8 on bin 1, 0.2 on bin 2
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0] = torch.tensor([0.0, 1.0, 2.0, 0.0, 0.0])
+    target = torch.tensor([[0.3, 0.0, 1.0, 1.0]])  # u_x .3, f_x 1, u_y 0, f_y 1
+    log_p = logits.log_softmax(-1)[0]
+    expected = -(0.8 * log_p[0, 1] + 0.2 * log_p[0, 2]) - log_p[1, 4] - log_p[2, 0] - log_p[3, 4]
+    torch.testing.assert_close(box_dfl_loss_sum(logits, target), expected / 4)
+    assert box_l1_loss_sum(target, target) == 0
+
+
+def test_decoder_type_is_validated_and_always_saved(tmp_path):
+    # transformers' strict config dataclasses name the field, the allowed values and the value given
+    with pytest.raises(StrictDataclassFieldValidationError, match="decoder_type.*'mlp', 'bins'.*regression"):
+        BoxHeadConfig(decoder_type="regression")
+    with pytest.raises(ValueError, match="num_bins"):
+        BoxHeadConfig(num_bins=1)
+    with pytest.raises(StrictDataclassFieldValidationError, match="encoder_type"):
+        MaskHeadConfig(encoder_type="max")
+    for design in DESIGNS:
+        config = PerceptionGPTConfig.from_preset("tiny", box_head_config={"decoder_type": design})
+        config.save_pretrained(tmp_path / design)
+        saved = json.loads((tmp_path / design / "config.json").read_text())
+        assert saved["box_head_config"]["decoder_type"] == design
+        assert saved["mask_head_config"]["encoder_type"] == "grid"
+        loaded = PerceptionGPTConfig.from_pretrained(tmp_path / design)
+        assert loaded.box_head_config.decoder_type == design and type(loaded.box_head_config) is BoxHeadConfig
+    assert set(BOX_DECODERS) == {*DESIGNS, "legacy_cxcywh"}
+    assert PerceptionGPTConfig.from_preset("paper").box_head_config.decoder_type == "mlp"
+
+
+def test_folder_saved_before_the_design_fields_loads_with_its_outputs():
+    """tests/fixtures/tiny_v0_1: a tiny model saved by the code before `decoder_type`/`encoder_type` existed."""
+    saved = json.loads((FIXTURES / "tiny_v0_1" / "config.json").read_text())
+    assert "decoder_type" not in saved["box_head_config"] and "encoder_type" not in saved["mask_head_config"]
+    model = PerceptionGPTForConditionalGeneration.from_pretrained(FIXTURES / "tiny_v0_1").eval()
+    assert model.config.box_head_config.decoder_type == "legacy_cxcywh"
+    assert model.config.mask_head_config.encoder_type == "mean"
+    expected = load_file(FIXTURES / "tiny_v0_1_outputs.safetensors")
+    inputs = {k: expected[k] for k in ("input_ids", "pixel_values", "vis_boxes", "vis_masks", "vis_mask_valid")}
+    with torch.no_grad():
+        out = model(**inputs, labels=expected["labels"])
+        prompt = {
+            k: v[:, :22] if k == "input_ids" else v[:, :1] if k.startswith("vis_") else v for k, v in inputs.items()
+        }
+        generated = model.generate(**prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    torch.testing.assert_close(out.logits, expected["logits"], **CROSS_PROCESS_TOLERANCE)
+    torch.testing.assert_close(out.loss.reshape(1), expected["loss"], **CROSS_PROCESS_TOLERANCE)
+    torch.testing.assert_close(out.pred_boxes, expected["pred_boxes"], **CROSS_PROCESS_TOLERANCE)
+    assert torch.equal(generated.sequences, expected["sequences"])
+    boxes = torch.cat(list(generated.pred_boxes))
+    torch.testing.assert_close(boxes, expected["generated_boxes"], **CROSS_PROCESS_TOLERANCE)
+
+
+def _corner_squares(side, square):
+    masks = torch.zeros(2, side, side)
+    masks[0, :square, :square] = 1
+    masks[1, -square:, -square:] = 1
+    return masks
+
+
+@pytest.mark.parametrize("preset, side, square", [("demo", 24, 6), ("paper", 256, 64)])
+def test_mask_encoder_keeps_where_the_mask_is(preset, side, square):
+    """At init, with the model's own `_init_weights`, opposite-corner squares must not look alike (cosine < 0.9)."""
+    config = PerceptionGPTConfig.from_preset(preset)
+    init_source = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
+    cosines = {}
+    for encoder_type in ("grid", "mean"):
+        mask_config = MaskHeadConfig(**{**config.mask_head_config.to_dict(), "encoder_type": encoder_type})
+        encoder = MaskEncoder(mask_config, config.text_config.hidden_size)
+        encoder.apply(init_source._init_weights)
+        with torch.no_grad():
+            a, b = encoder(_corner_squares(side, square))
+        cosines[encoder_type] = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    assert cosines["grid"] < 0.9, cosines
+    assert cosines["mean"] > cosines["grid"], cosines  # the legacy global pool loses most of the location
