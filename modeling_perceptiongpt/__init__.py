@@ -6,7 +6,7 @@ Importing the package registers the Auto classes. The trainer is imported lazily
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionGPTConfig
-from .conversion_perceptiongpt import from_llava
+from .conversion_perceptiongpt import add_vis_token, from_llava
 from .generation_perceptiongpt import PerceptionGPTBeamGenerateOutput, PerceptionGPTGenerateOutput
 from .modeling_perceptiongpt import (
     PerceptionGPTCausalLMOutput,
@@ -35,5 +35,6 @@ __all__ = [
     "PerceptionGPTModel",
     "PerceptionGPTPreTrainedModel",
     "PerceptionGPTProcessor",
+    "add_vis_token",
     "from_llava",
 ]

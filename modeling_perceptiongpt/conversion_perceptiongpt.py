@@ -1,10 +1,25 @@
 """Turn any LLaVA checkpoint into a PerceptionGPT, keeping every pretrained tensor bit-identical."""
 
 import torch
+from tokenizers import AddedToken
 from transformers import LlavaForConditionalGeneration
 
 from .configuration_perceptiongpt import PerceptionGPTConfig
 from .modeling_perceptiongpt import PerceptionGPTForConditionalGeneration
+
+
+def add_vis_token(tokenizer, vis_token: str = "<vis>") -> int:
+    """Adds `vis_token` to `tokenizer` (or a processor's `.tokenizer`) in place as a named special token; returns its id.
+
+    The token strips the whitespace before it (`lstrip`), so " <vis>" is ONE token: a Llama/Metaspace tokenizer
+    (LLaVA-1.5's) would otherwise emit a lone "▁" before every `<vis>`, and a byte-level one a "Ġ", doubling the
+    generated tokens per object. Decoding then loses that space; the processor puts it back in its text output.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    token = AddedToken(vis_token, special=True, normalized=False, lstrip=True)
+    tok.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    tok.vis_token = vis_token
+    return tok.convert_tokens_to_ids(vis_token)
 
 
 def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **config_overrides):
@@ -24,11 +39,8 @@ def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **
         llava = LlavaForConditionalGeneration.from_pretrained(llava_model_or_path)
     vocab_size = llava.get_input_embeddings().weight.shape[0]
     if tokenizer is not None:
-        tok = getattr(tokenizer, "tokenizer", tokenizer)
-        tok.add_special_tokens({"additional_special_tokens": [vis_token]}, replace_extra_special_tokens=False)
-        tok.vis_token = vis_token
-        vis_token_id = tok.convert_tokens_to_ids(vis_token)
-        new_vocab_size = max(vocab_size, len(tok))
+        vis_token_id = add_vis_token(tokenizer, vis_token)
+        new_vocab_size = max(vocab_size, len(getattr(tokenizer, "tokenizer", tokenizer)))
     else:
         vis_token_id = vocab_size
         new_vocab_size = vocab_size + 1

@@ -7,6 +7,7 @@ read from the image processor's own settings (pad-to-square, resize, center crop
 Dimensions: B = input samples, K = `<vis>` slots per sample (the batch maximum), n = boxes of one row.
 """
 
+import re
 import warnings
 
 import numpy as np
@@ -286,6 +287,8 @@ class PerceptionGPTProcessor(LlavaProcessor):
         # Drop special tokens except `<vis>` (skip_special_tokens would strip it), then name each `<vis>`.
         special_ids = set(self.tokenizer.all_special_ids) - {self.vis_token_id}
         text = self.tokenizer.decode([i for i in token_ids if i not in special_ids], skip_special_tokens=False)
+        # `<vis>` absorbs the space before it when tokenized (one token per object): give it back for reading
+        text = re.sub(rf"(?<=[^\s(\[]){re.escape(self.vis_token)}", " " + self.vis_token, text)
         if vis_marker is None:
             return text
         pieces = text.split(self.vis_token)

@@ -7,7 +7,7 @@ the model presets hard-code them (`SPECIAL_TOKEN_IDS`).
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 
@@ -35,7 +35,10 @@ def _byte_level_tokenizer(model: models.Model, use_regex: bool) -> Tokenizer:
 
 
 def _finish(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    # `<vis>` absorbs the space before it, so that an object is ONE generated token (not a space token + `<vis>`)
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False, lstrip=t == VIS_TOKEN) for t in SPECIAL_TOKENS]
+    )
     # A plain template (not ByteLevel's post-processor): its offset trimming would give a lone space token an empty
     # span, and the collator's assistant mask relies on offsets.
     tokenizer.post_processor = processors.TemplateProcessing(

@@ -56,9 +56,9 @@ def _rows():
 def test_two_sample_batch_equals_hand_built_expectation():
     batch = DataCollatorForPerceptionGPT(PROCESSOR)(_rows())
     prompt_a = [BOS, *_bytes("USER: "), *IMAGE_TOKENS, *_bytes("\nWhere is it? ASSISTANT:")]
-    answer_a = [*_bytes(" "), VIS, EOS]
+    answer_a = [VIS, EOS]  # `<vis>` absorbs the space before it: one token per object
     prompt_b = [BOS, *_bytes("USER: "), *IMAGE_TOKENS, *_bytes("\nFind all. ASSISTANT:")]
-    answer_b = [*_bytes(" "), VIS, *_bytes(" "), VIS, EOS]
+    answer_b = [VIS, VIS, EOS]
     length = max(len(prompt_a) + len(answer_a), len(prompt_b) + len(answer_b))
 
     def padded(values, fill):
@@ -69,7 +69,7 @@ def test_two_sample_batch_equals_hand_built_expectation():
         padded([IGNORE_INDEX] * len(prompt_a) + answer_a, IGNORE_INDEX),
         padded([IGNORE_INDEX] * len(prompt_b) + answer_b, IGNORE_INDEX),
     ]
-    assert batch["attention_mask"].sum(1).tolist() == [len(prompt_a) + 3, len(prompt_b) + 5]
+    assert batch["attention_mask"].sum(1).tolist() == [len(prompt_a) + 2, len(prompt_b) + 3]
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
     nan = float("nan")
     expected_boxes = [[[0, 0, 0.5, 0.5], [nan] * 4], [[0, 0.25, 0.5, 0.75], [0.5, 0, 1, 0.25]]]
@@ -82,7 +82,7 @@ def test_two_sample_batch_equals_hand_built_expectation():
 
 def test_image_after_text_moves_the_image_block():
     batch = DataCollatorForPerceptionGPT(PROCESSOR, image_position="after_text")(_rows()[:1])
-    expected = [BOS, *_bytes("USER: Where is it?\n"), *IMAGE_TOKENS, *_bytes(" ASSISTANT: "), VIS, EOS]
+    expected = [BOS, *_bytes("USER: Where is it?\n"), *IMAGE_TOKENS, *_bytes(" ASSISTANT:"), VIS, EOS]
     assert batch["input_ids"].tolist() == [expected]
     assert "vis_masks" not in batch  # no row of this batch has a mask
 
@@ -110,7 +110,7 @@ def test_rows_from_a_datasets_table_and_grayscale_images():
 def test_overflow_raises_or_drops_and_never_truncates():
     rows = _rows()
     length_a, length_b = (int(DataCollatorForPerceptionGPT(PROCESSOR)([row])["attention_mask"].sum()) for row in rows)
-    assert length_a == length_b + 1  # "Where is it?" + 1 `<vis>` vs "Find all." + 2 `<vis>`
+    assert length_a == length_b + 2  # "Where is it?" + 1 `<vis>` vs "Find all." + 2 `<vis>`
     with pytest.raises(ValueError, match=f"`rows\\[0\\]` has {length_a} tokens, more than `max_length` = {length_b}"):
         DataCollatorForPerceptionGPT(PROCESSOR, max_length=length_b)(rows)
     with pytest.warns(UserWarning, match="Dropped"):

@@ -182,7 +182,7 @@ def test_post_process_generation_rejects_bad_arguments():
 
 def test_post_process_image_text_to_text_keeps_working():
     ids = TOKENIZER("USER: hi ASSISTANT: a <vis></s>")["input_ids"]
-    assert PROCESSORS["pad"].post_process_image_text_to_text(ids) == "USER: hi ASSISTANT: a "
+    assert PROCESSORS["pad"].post_process_image_text_to_text(ids) == "USER: hi ASSISTANT: a"  # `<vis>` took " "
 
 
 def test_multi_turn_chat_passes_earlier_assistant_vis_like_a_prompt_region():

@@ -62,7 +62,7 @@ def test_collator_text_mode_labels_the_coordinates(processor):
     answer = processor.tokenizer.decode(labels[labels != -100])
     assert answer == " [0.250,0.250,0.750,0.500]</s>"
     assert torch.isnan(text_batch["vis_boxes"]).all() and text_batch["vis_boxes"].shape[1] == 0
-    assert (vis_batch["labels"] != -100).sum() == 3  # " ", "<vis>", "</s>": 1 token per object vs 25 + eos
+    assert (vis_batch["labels"] != -100).sum() == 2  # "<vis>", "</s>": 1 token per object vs 26 + eos
     assert (labels != -100).sum() == len(" [0.250,0.250,0.750,0.500]") + 1
     with pytest.raises(ValueError, match="coordinate_format"):
         DataCollatorForPerceptionGPT(processor, coordinate_format="json")

@@ -49,8 +49,9 @@ def test_numbers_punctuation_and_specials_round_trip(tokenizer):
     text = "USER: <image>\nbox [12.5, 0.003, 640, 480] <vis> ünï 中文 🐱!</s>"
     ids = tokenizer(text)["input_ids"]
     assert ids.count(4) == 1 and ids.count(5) == 1 and ids.count(2) == 1
-    assert tokenizer.decode(ids) == "<s>" + text
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "USER: \nbox [12.5, 0.003, 640, 480]  ünï 中文 🐱!"
+    # `<vis>` absorbs the space before it (one token per object), so that space is the only byte not decoded back
+    assert tokenizer.decode(ids) == "<s>" + text.replace(" <vis>", "<vis>")
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "USER: \nbox [12.5, 0.003, 640, 480] ünï 中文 🐱!"
 
 
 @pytest.mark.parametrize("tokenizer", [CHAR, BPE], ids=["char", "bpe"])
@@ -70,3 +71,53 @@ def test_invalid_arguments_raise():
         build_tokenizer("bpe")
     with pytest.raises(ValueError, match="`vocab_size` must be at least 262"):
         build_tokenizer("bpe", corpus=["a"], vocab_size=100)
+
+
+def _generated_tokens(processor, answer):
+    """Tokens the model generates for an assistant `answer`, EOS not counted: full turn minus the prompt."""
+    messages = [{"role": "user", "content": "Where is the small red circle?"}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    turn = processor.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True)
+    prompt, turn = (ids["input_ids"] if isinstance(ids, dict) else ids for ids in (prompt, turn))
+    prompt, turn = (ids[0] if ids and isinstance(ids[0], list) else ids for ids in (prompt, turn))
+    assert turn[: len(prompt)] == prompt and turn[-1] == processor.tokenizer.eos_token_id
+    return turn[len(prompt) : -1]
+
+
+@pytest.mark.parametrize("tokenizer", [CHAR, BPE], ids=["char", "bpe"])
+def test_one_generated_token_per_object(tokenizer):
+    from perceptiongpt.processing.processing_perceptiongpt import build_processor
+    from perceptiongpt.processing.templates import build_task_messages
+
+    processor = build_processor(16, 4, 16, tokenizer)
+    for task, n_objects in (("rec", 1), ("multi", 1), ("multi", 3)):
+        answer = build_task_messages(task, "red shapes", n_objects=n_objects, seed=0)[1]["content"]
+        assert _generated_tokens(processor, answer) == [tokenizer.vis_token_id] * n_objects, (task, n_objects)
+
+
+def _metaspace_tokenizer():
+    """A Llama-style (Metaspace, "▁" for spaces) BPE tokenizer trained in-process, as LLaVA-1.5's behaves."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(template_corpus() * 10, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_vis_is_one_token_after_a_space_in_a_metaspace_tokenizer():
+    from perceptiongpt import add_vis_token
+
+    plain = _metaspace_tokenizer()
+    plain.add_special_tokens({"additional_special_tokens": ["<vis>"]})
+    tokens = plain.tokenize("ASSISTANT: <vis> <vis>")
+    assert tokens[-4:] == ["▁", "<vis>", "▁", "<vis>"]  # the control: a lone space token before every object
+
+    tokenizer = _metaspace_tokenizer()
+    vis_id = add_vis_token(tokenizer)
+    ids = tokenizer("ASSISTANT: <vis> <vis>", add_special_tokens=False)["input_ids"]
+    assert ids[-3:] == [tokenizer.convert_tokens_to_ids(tokens[-5]), vis_id, vis_id]
+    assert tokenizer.convert_tokens_to_ids("<vis>") == vis_id and tokenizer.vis_token == "<vis>"
