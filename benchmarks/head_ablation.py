@@ -78,6 +78,7 @@ def build_setup(variant: str, seed: int, masks: bool, train_size: int, eval_size
 
 
 def train_and_evaluate(args, recipe: DemoRecipe) -> dict:
+    revision = _git_revision()  # of the code this shard runs, before any later edit
     steps = 60 if args.quick else args.steps
     every = 20 if args.quick else args.eval_every
     curve_size, final_size = (50, 50) if args.quick else (args.curve_size, args.final_size)
@@ -156,7 +157,7 @@ def train_and_evaluate(args, recipe: DemoRecipe) -> dict:
         "trainable_params": count_parameters(model)["trainable"],
         "train_seconds": round(train_seconds, 1),
         "steps_per_second": round(steps / train_seconds, 2),
-        "git_revision": _git_revision(),
+        "git_revision": revision,
         "threads": recipe.threads,
         "recipe": asdict(recipe),
         "quick": args.quick,
