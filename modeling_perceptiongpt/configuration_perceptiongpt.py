@@ -8,6 +8,8 @@ import math
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.models.llava.configuration_llava import LlavaConfig
 
@@ -88,6 +90,10 @@ class MaskHeadConfig(PreTrainedConfig):
             "encoder_num_layers",
             "encoder_grid",
         )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}.")
+        if self.hidden_size % 4:
+            raise ValueError(f"`hidden_size` must be divisible by 4 (2-D sine encoding), got {self.hidden_size}.")
         if self.num_upsample_layers < 0:
             raise ValueError(f"`num_upsample_layers` must be >= 0, got {self.num_upsample_layers}.")
         inner = self.hidden_size // self.attention_downsample_rate
@@ -130,6 +136,11 @@ class PerceptionGPTConfig(LlavaConfig):
     model_type = "perceptiongpt"
     sub_configs_defaults = {
         **LlavaConfig.sub_configs_defaults,
+        # llava-1.5-7b-hf's padded vocabulary, so that the default `image_token_id` (32000) and `vis_token_id`
+        # (32002) are inside it and `PerceptionGPTConfig()` builds
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="llama", init_kwargs={"vocab_size": 32064, "pad_token_id": 32001}
+        ),
         "box_head_config": SubConfigSpec(config_class=BoxHeadConfig),
         "mask_head_config": SubConfigSpec(config_class=MaskHeadConfig),
     }

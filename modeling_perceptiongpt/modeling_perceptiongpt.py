@@ -19,6 +19,8 @@ from transformers.models.llava.modeling_llava import (
     LlavaPreTrainedModel,
 )
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .box_decoders_perceptiongpt import build_box_decoder
 from .configuration_perceptiongpt import PerceptionGPTConfig
@@ -128,6 +130,7 @@ class PerceptionGPTModel(PerceptionGPTPreTrainedModel, LlavaModel):
         self.llm_feature_fusion = LayerFusion(config.vision_fusion_layers) if config.fuse_llm_features else None
         self.post_init()  # initializes the modules added after LlavaModel's own post_init
 
+    @can_return_tuple
     def get_image_features(
         self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None, **kwargs
     ):
@@ -187,6 +190,8 @@ class PerceptionGPTModel(PerceptionGPTPreTrainedModel, LlavaModel):
             region = region + inputs_embeds[rows, cols]
         return inputs_embeds.index_put((rows[has], cols[has]), region[has])
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -248,6 +253,8 @@ class PerceptionGPTForConditionalGeneration(
             masks = masks[want_masks[has_image]] if want_masks.any() else None
         return box, masks
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -278,6 +285,13 @@ class PerceptionGPTForConditionalGeneration(
         if labels is not None:
             vis_is_target = labels == self.config.vis_token_id  # (B, T)
             vis_is_target[:, 0] = False  # nothing predicts position 0
+            if vis_boxes is None and vis_is_target.any():
+                raise ValueError(
+                    f"`labels` supervise {int(vis_is_target.sum())} `<vis>` tokens but `vis_boxes` is None: their "
+                    "box loss would silently be 0. Pass `vis_boxes` (B, K, 4), NaN for slots without a box."
+                )
+            # a cache built from a packed or padded training batch is never valid to continue from
+            kwargs["use_cache"] = False
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -320,7 +334,7 @@ class PerceptionGPTForConditionalGeneration(
             num_masks_in_batch,
         )
         config = self.config
-        result.loss = (
+        loss = (
             config.lm_loss_weight * result.lm_loss
             + config.box_l1_weight * result.box_l1_loss
             + config.box_giou_weight * result.box_giou_loss
@@ -328,7 +342,7 @@ class PerceptionGPTForConditionalGeneration(
             + config.mask_bce_weight * result.mask_bce_loss
             + config.box_dfl_weight * result.box_dfl_loss
         )
-        return result
+        return PerceptionGPTCausalLMOutput(loss=loss, **result)  # rebuilt so that `loss` leads its tuple form
 
     def _perception_losses(
         self, result, hidden, input_ids, labels, vis_boxes, vis_masks, vis_mask_valid, num_vis, num_masks

@@ -9,13 +9,6 @@ from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGenera
 from perceptiongpt.modeling_perceptiongpt import preferred_attn_implementation
 
 
-needs_fa4_selection = pytest.mark.skipif(
-    not hasattr(modeling, "is_flash_attn_4_available"),
-    reason="FlashAttention-4 selection not in modeling_perceptiongpt yet (issue 9 patch not applied)",
-)
-
-
-@needs_fa4_selection
 @pytest.mark.parametrize(
     "flash2, flash4, capability, dtype, expected",
     [
@@ -37,7 +30,6 @@ def test_flash_attention_4_is_chosen_when_it_imports(monkeypatch, flash2, flash4
     assert preferred_attn_implementation(dtype) == expected
 
 
-@needs_fa4_selection
 def test_no_cuda_means_sdpa_even_with_flash_packages(monkeypatch):
     monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: True)

@@ -4,20 +4,12 @@ import pytest
 import torch
 from conftest import make_batch
 
-import perceptiongpt.modeling_perceptiongpt as modeling
 from perceptiongpt import PerceptionGPTForConditionalGeneration
 from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
 from perceptiongpt.processing.processing_perceptiongpt import build_processor
 from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
 from perceptiongpt.processing.tokenization_factory import build_tokenizer
 
-
-# `mask_decoder.position_encoding` is a non-persistent buffer: `from_pretrained` leaves it as uninitialized memory
-# unless `_init_weights` recomputes it (issue 9 patch; the patched module imports `sine_position_encoding_2d`).
-# Strict only for the direct check: what garbage memory does to the other tests depends on its contents.
-BUFFER_BUG = not hasattr(modeling, "sine_position_encoding_2d")
-BUFFER_REASON = "from_pretrained leaves mask_decoder.position_encoding uninitialized (issue 9 _init_weights patch)"
-needs_buffer_fix = pytest.mark.xfail(BUFFER_BUG, reason=BUFFER_REASON)
 
 LOSSES = ("lm_loss", "box_l1_loss", "box_giou_loss", "mask_dice_loss", "mask_bce_loss", "loss")
 
@@ -65,14 +57,12 @@ def test_autocast_forward_backward_is_finite_and_close_to_fp32(tiny_model, batch
     assert out.pred_masks.shape == (3, 16, 16) and torch.isfinite(out.pred_masks).all()
 
 
-@pytest.mark.xfail(BUFFER_BUG, strict=True, reason=BUFFER_REASON)
 def test_from_pretrained_recomputes_the_mask_position_encoding(tiny_model, saved):
     for dtype in (torch.float32, torch.bfloat16):
         loaded = PerceptionGPTForConditionalGeneration.from_pretrained(saved, dtype=dtype)
         assert torch.equal(loaded.mask_decoder.position_encoding, tiny_model.mask_decoder.position_encoding)
 
 
-@needs_buffer_fix
 def test_bf16_loaded_model_trains_and_matches_fp32(saved, batch):
     reference_model = PerceptionGPTForConditionalGeneration.from_pretrained(saved)
     reference, _ = _step(reference_model, batch)
@@ -87,7 +77,6 @@ def test_bf16_loaded_model_trains_and_matches_fp32(saved, batch):
     assert torch.isfinite(out.pred_masks).all()
 
 
-@needs_buffer_fix
 def test_bf16_generate_gives_fp32_close_boxes(saved):
     ids, pixels = make_batch(vis_at=((20,), (20, 25)))
     prompt = {"input_ids": ids[:, :22], "pixel_values": pixels}  # row 0 has 1 prompt `<vis>`, row 1 has 1

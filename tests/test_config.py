@@ -1,5 +1,6 @@
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 from perceptiongpt.configuration_perceptiongpt import SPECIAL_TOKEN_IDS
@@ -65,7 +66,8 @@ def test_tiny_ids_match_tokenizer_contract():
         ({"vis_token_id": 100000}, "vis_token_id"),
         ({"vis_token_id": 4}, "must differ"),
         ({"mask_head_config": {"mask_size": 0}}, "mask_size"),
-        ({"mask_head_config": {"hidden_size": 30}}, "num_attention_heads"),
+        ({"mask_head_config": {"hidden_size": 36, "num_attention_heads": 4}}, "num_attention_heads"),
+        ({"mask_head_config": {"hidden_size": 30}}, "divisible by 4"),
         ({"box_head_config": {"num_layers": 0}}, "num_layers"),
     ],
 )
@@ -75,7 +77,7 @@ def test_invalid_values_raise(overrides, match):
 
 
 def test_invalid_types_and_names_raise():
-    with pytest.raises(Exception, match="region_embedding_mode"):
+    with pytest.raises(StrictDataclassFieldValidationError, match="region_embedding_mode.*'replace', 'add'.*concat"):
         PerceptionGPTConfig.from_preset("tiny", region_embedding_mode="concat")
     with pytest.raises(ValueError, match="name"):
         PerceptionGPTConfig.from_preset("huge")

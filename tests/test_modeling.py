@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import VIS, make_batch
+from conftest import IMAGE, VIS, make_batch
 
 from perceptiongpt import PerceptionGPTForConditionalGeneration
 from perceptiongpt.modeling_perceptiongpt import preferred_attn_implementation
@@ -235,5 +235,8 @@ def test_attention_choice(monkeypatch, cuda, flash, dtype, expected):
     assert preferred_attn_implementation(dtype) == expected
 
 
-def test_vis_token_constant():
-    assert VIS == 5
+def test_test_constants_are_the_tiny_presets_token_ids(tiny_config):
+    from perceptiongpt.processing.tokenization_factory import SPECIAL_TOKEN_IDS
+
+    assert (VIS, IMAGE) == (tiny_config.vis_token_id, tiny_config.image_token_id)
+    assert (VIS, IMAGE) == (SPECIAL_TOKEN_IDS["<vis>"], SPECIAL_TOKEN_IDS["<image>"])

@@ -5,7 +5,6 @@ import torch
 from conftest import IMAGE, VIS
 from transformers import TrainingArguments
 
-import perceptiongpt.region_inputs as region_inputs
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 from perceptiongpt.processing.collator import IGNORE_INDEX, DataCollatorForPerceptionGPT
 from perceptiongpt.processing.packing import DataCollatorForPackedPerceptionGPT, pack_batch
@@ -125,23 +124,19 @@ def test_packed_logits_losses_boxes_and_grads_match_padded(model, processor, row
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-5
 
 
-def test_packed_without_use_cache_false_leaks_across_samples(model, processor, rows):
-    """The trap: with the text config's default use_cache=True the LM builds a cache and the block-diagonal mask
-    is skipped, so later samples attend to earlier ones. `PerceptionGPTTrainer` passes use_cache=False."""
+def test_packed_training_forward_is_isolated_whatever_use_cache_says(model, processor, rows):
+    """The trap: with a cache the LM skips the block-diagonal mask and later samples attend to earlier ones. With
+    labels, `forward` forces use_cache=False, so a plain Trainer (or the text config's default) cannot fall in."""
     batch_rows = [rows[i] for i in range(2)]
     padded = DataCollatorForPerceptionGPT(processor)(batch_rows)
     packed = DataCollatorForPackedPerceptionGPT(processor)(batch_rows)
-    assert model.config.text_config.use_cache
+    assert model.config.text_config.use_cache and "labels" in packed
     with torch.no_grad():
-        worst, _, _ = _compare(model, padded, packed, use_cache=None)
-    assert worst[0] < 1e-5 and worst[1] > 1e-2
+        for use_cache in (None, True):
+            worst, _, _ = _compare(model, padded, packed, use_cache=use_cache)
+            assert max(worst) < 1e-5, use_cache
 
 
-@pytest.mark.xfail(
-    not hasattr(region_inputs, "image_index_per_token"),
-    strict=True,
-    reason="a row's mask targets all read the row's FIRST image until region_inputs has the per-token image index",
-)
 def test_packed_mask_losses_read_each_samples_image(model, processor, rows):
     batch_rows = [rows[i] for i in range(4)]
     padded = DataCollatorForPerceptionGPT(processor)(batch_rows)

@@ -1,0 +1,84 @@
+"""Contracts that transformers' own suites check for native models (written here, not copied), and silent failure
+paths turned into clear errors."""
+
+import pytest
+import torch
+from conftest import VIS, make_batch
+
+from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
+from perceptiongpt.configuration_perceptiongpt import MaskHeadConfig
+
+
+def _labels(ids, start=19):
+    labels = torch.full_like(ids, -100)
+    labels[:, start:] = ids[:, start:]
+    return labels
+
+
+def test_config_builds_with_its_own_defaults_and_round_trips():
+    config = PerceptionGPTConfig()
+    assert config.text_config.vocab_size == 32064  # llava-1.5-7b-hf's padded vocabulary
+    assert config.image_token_id < config.text_config.vocab_size and config.vis_token_id < 32064
+    again = PerceptionGPTConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+
+
+def test_return_dict_false_gives_tuples(tiny_model):
+    ids, pixels = make_batch(vis_at=((20,), (20, 25)))
+    nan = float("nan")
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [nan] * 4], [[0.2, 0.0, 0.6, 0.4]] * 2])
+    with torch.no_grad():
+        as_dict = tiny_model(input_ids=ids, pixel_values=pixels, labels=_labels(ids), vis_boxes=boxes)
+        as_tuple = tiny_model(
+            input_ids=ids, pixel_values=pixels, labels=_labels(ids), vis_boxes=boxes, return_dict=False
+        )
+        features = tiny_model.model.get_image_features(pixel_values=pixels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.loss)
+    assert torch.equal(as_tuple[1], as_dict.logits)
+    assert isinstance(features, tuple)
+
+
+def test_past_key_values_alias_continues_like_cache(tiny_model):
+    ids, pixels = make_batch(batch_size=1, vis_at=((),))
+    with torch.no_grad():
+        prefix = tiny_model(input_ids=ids[:, :23], pixel_values=pixels, use_cache=True)
+        full = tiny_model(input_ids=ids[:, :24], pixel_values=pixels).logits[:, -1]
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            step = tiny_model(input_ids=ids[:, 23:24], past_key_values=prefix.cache, use_cache=True)
+    assert step.cache.get_seq_length() == 24
+    torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_with_vis_but_no_boxes_raise(tiny_model):
+    ids, pixels = make_batch(vis_at=((20,), (20, 25)))
+    with pytest.raises(ValueError, match="`labels` supervise 3 `<vis>` tokens but `vis_boxes` is None"):
+        tiny_model(input_ids=ids, pixel_values=pixels, labels=_labels(ids))
+    text_only = ids.masked_fill(ids == VIS, 50)  # no `<vis>` target: an lm-only batch is fine
+    assert tiny_model(input_ids=text_only, pixel_values=pixels, labels=_labels(text_only)).loss > 0
+
+
+def test_training_forward_never_returns_a_cache(tiny_model):
+    ids, pixels = make_batch(vis_at=((20,), (20, 25)))
+    nan = float("nan")
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [nan] * 4], [[0.2, 0.0, 0.6, 0.4]] * 2])
+    out = tiny_model(input_ids=ids, pixel_values=pixels, labels=_labels(ids), vis_boxes=boxes, use_cache=True)
+    assert out.cache is None
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hidden_act", "swishy", "`hidden_act` must be one of .*'gelu'.*got 'swishy'"),
+        ("hidden_size", 30, "`hidden_size` must be divisible by 4 .*got 30"),
+    ],
+)
+def test_mask_head_config_validates(field, value, message):
+    kwargs = {"hidden_size": 32, "num_attention_heads": 2, field: value}
+    with pytest.raises(ValueError, match=message):
+        MaskHeadConfig(**kwargs)
+
+
+def test_default_model_class_builds_from_default_sized_config_on_meta():
+    with torch.device("meta"):
+        model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig())
+    assert model.get_input_embeddings().weight.shape[0] == 32064
