@@ -42,7 +42,12 @@ from perceptiongpt.trainer.demo import DemoRecipe
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARDS = RESULTS / "head_ablation"
-DESIGNS = tuple(name for name in BOX_DECODERS if name != "legacy_cxcywh")
+# variant -> its box head (`box_head_config` overrides); "text" writes coordinates and never decodes a box
+BOX_HEADS = {
+    **{name: {"decoder_type": name} for name in BOX_DECODERS if name != "legacy_cxcywh"},
+    "query_llm": {"decoder_type": "query", "query_source": "llm"},
+}
+DESIGNS = tuple(BOX_HEADS)
 VARIANTS = (*DESIGNS, "text")
 MAX_NEW_TOKENS = {"vis": 8, "text": 40}
 
@@ -109,11 +114,10 @@ def build_setup(variant: str, seed: int, masks: bool, train_size: int, eval_size
     corpus = template_corpus() + [m["content"] for row in train_rows[:2000] for m in row["messages"]]
     corpus += [row_with_text_coordinates(row, text_probe)["messages"][-1]["content"] for row in train_rows[:2000]]
     tokenizer = build_tokenizer("bpe", corpus=corpus, vocab_size=recipe.tokenizer_vocab_size)
-    design = "mlp" if variant == "text" else variant  # text never decodes a box: its head is unused
     config = PerceptionGPTConfig.from_preset(
         "demo",
         text_config={"vocab_size": len(tokenizer)},
-        box_head_config={"decoder_type": design},
+        box_head_config=BOX_HEADS.get(variant, BOX_HEADS["mlp"]),  # text's head is never used
         box_l1_weight=recipe.box_l1_weight,
         box_giou_weight=recipe.box_giou_weight,
     )

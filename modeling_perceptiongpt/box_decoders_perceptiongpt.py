@@ -77,7 +77,7 @@ class LegacyBoxDecoder(nn.Module):
     overshoots a border; new models use `mlp` instead.
     """
 
-    needs_image = needs_masks = False
+    needs_image = needs_masks = reads_llm_image_states = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
@@ -101,7 +101,7 @@ class BinBoxDecoder(nn.Module):
     """Per ordered coordinate, logits over `num_bins` values in [0, 1] read from the `<vis>` state; the box is the
     expectation (trained with L1/GIoU), the logits get GFL's distribution focal loss (`box_dfl_loss_sum`)."""
 
-    needs_image = needs_masks = False
+    needs_image = needs_masks = reads_llm_image_states = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
@@ -117,8 +117,9 @@ class BinBoxDecoder(nn.Module):
 
 
 class QueryBoxDecoder(nn.Module):
-    """The `<vis>` state queries the fused patch features: the box contains the attention-weighted patch centre
-    and its extent is read from the query and what it attended. The LLM says WHAT; the image features say WHERE.
+    """The `<vis>` state queries the image's patches: the box contains the attention-weighted patch centre and its
+    extent is read from the query and what it attended. The LLM says WHAT; the patches say WHERE. The patches are
+    the fused ViT features (`query_source="vision"`) or the LLM's final states at the image tokens (`"llm"`).
     Rows without an image attend nothing: their centre is the image centre."""
 
     needs_image, needs_masks = True, False
@@ -127,9 +128,11 @@ class QueryBoxDecoder(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.grid_size = grid_size
+        self.reads_llm_image_states = config.query_source == "llm"
+        patch_width = text_hidden_size if self.reads_llm_image_states else vision_hidden_size
         self.query = nn.Linear(text_hidden_size, d)
-        self.key = nn.Linear(vision_hidden_size, d)
-        self.value = nn.Linear(vision_hidden_size, d)
+        self.key = nn.Linear(patch_width, d)
+        self.value = nn.Linear(patch_width, d)
         self.extent = mlp(2 * d, d, 4, max(config.num_layers - 1, 1))
         self.extent[-1].zero_init = True  # half of the room on each side at the start
 
@@ -155,6 +158,7 @@ class MaskBoxDecoder(nn.Module):
     half side of a uniform box) give the extent, squashed smoothly into the room on each side. No parameters."""
 
     needs_image = needs_masks = True
+    reads_llm_image_states = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()

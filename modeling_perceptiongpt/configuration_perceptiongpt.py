@@ -32,7 +32,7 @@ class BoxHeadConfig(PreTrainedConfig):
     decoder_type: how the box is read from the state that predicts `<vis>` (benchmarks/head_ablation.py measures them):
         "mlp": the paper's regression MLP, in an ordered parametrization (x1 <= x2, y1 <= y2, no clamp);
         "bins": per ordered coordinate, logits over `num_bins` values; expectation + distribution focal loss;
-        "query": the state attends the fused patch features; the box contains the attended centre;
+        "query": the state attends the image (see `query_source`); the box contains the attended centre;
         "mask": the box of the decoded mask (its mass centre and spread);
         "legacy_cxcywh": sigmoid cxcywh clamped to [0, 1], only for folders saved before this field existed.
     """
@@ -44,6 +44,9 @@ class BoxHeadConfig(PreTrainedConfig):
     num_layers: int = 3  # Linear layers per MLP (paper: 3)
     decoder_type: Literal["mlp", "bins", "query", "mask", "legacy_cxcywh"] = "mlp"
     num_bins: int = 32  # values per coordinate of the "bins" design
+    # what the "query" design attends: the fused ViT patches ("vision"), or the LLM's final states at the image
+    # tokens ("llm"), which have read the question when it comes before the image
+    query_source: Literal["vision", "llm"] = "vision"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -61,6 +61,7 @@ class PerceptionGenerationState:
         self.records = {}  # (sample, prefix incl. <vis> bytes) -> (box (4,), mask (S, S) or None, score)
         self.mask_features = None  # (N_img, g*g, C) fused patches, unexpanded
         self.sample_image = None  # (B,) image index of each sample, -1 without one
+        self.image_states = None  # (B, g*g, D) LLM states at each sample's first image, for boxes that read them
 
     def sample_of(self, row: int, num_rows: int) -> int:
         return row // max(num_rows // self.batch_size, 1)
@@ -153,6 +154,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, **kwargs)
         state = model_kwargs.get("perception_state")
+        if state is not None and state.image_states is None and outputs.image_token_states is not None:
+            self._capture_image_states(state, outputs.image_token_states)
         if state is not None:
             hidden = outputs.last_hidden_state[:, -1]  # (R, D): states that predict the next token
             vis_prob = outputs.logits[:, -1].float().softmax(-1)[:, self.config.vis_token_id]  # (R,)
@@ -170,6 +173,14 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         state.mask_features = image.mask_features
         per_sample = input_ids[:: max(input_ids.shape[0] // state.batch_size, 1)]  # one row per sample
         state.sample_image = image_index_per_row(per_sample, self.config.image_token_id, self.config.num_image_tokens)
+
+    def _capture_image_states(self, state, image_token_states):
+        """From the first forward (the whole prompt): each sample's first image's states, from its first row."""
+        step = max(state.last_inputs.shape[0] // state.batch_size, 1)
+        first = image_index_per_row(state.last_inputs, self.config.image_token_id, self.config.num_image_tokens)
+        first = first[::step]  # (B,) into the forward's images, -1 without one
+        has = first >= 0  # (B,)
+        state.image_states = image_token_states[first.clamp(min=0)] * has[:, None, None].to(image_token_states)
 
     def _decode_new_vis(self, state, input_ids):
         """Decodes every row whose newest token is `<vis>`, from the state that predicted it."""
@@ -190,7 +201,9 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             image_idx = state.sample_image[[sample for _, sample, _ in todo]]  # (N,)
             has_image = image_idx >= 0
             features = state.mask_features[image_idx.clamp(min=0)]  # (N, g*g, C)
-        box, decoded = self.decode_regions(hidden, features, has_image, has_image)  # (N, 4), (N_m, S, S)
+        samples = [sample for _, sample, _ in todo]
+        image_states = None if state.image_states is None else state.image_states[samples]  # (N, g*g, D)
+        box, decoded = self.decode_regions(hidden, features, has_image, has_image, image_states)
         boxes = box.boxes
         masks = [None] * len(todo)
         if decoded is not None:

@@ -44,6 +44,8 @@ class PerceptionGPTCausalLMOutput(LlavaCausalLMOutputWithPast):
     last_hidden_state: final-norm hidden states, sliced like the logits (only the last position in generate()).
     pred_boxes: (N, 4) normalized xyxy decoded for the supervised `<vis>` targets with a box, in row-major order.
     pred_masks: (N_mask, S, S) mask logits for the supervised `<vis>` targets with a mask.
+    image_token_states: (N_img, g*g, D) final states at each image's patch tokens, in image order, when the box
+        decoder reads them (`query_source="llm"`) and the input holds images.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -55,6 +57,7 @@ class PerceptionGPTCausalLMOutput(LlavaCausalLMOutputWithPast):
     box_dfl_loss: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     pred_masks: torch.FloatTensor | None = None
+    image_token_states: torch.FloatTensor | None = None
 
 
 # FlashAttention-4's CuTe-DSL kernels need Hopper (sm90) or datacenter Blackwell (sm100/sm103) instructions.
@@ -234,13 +237,14 @@ class PerceptionGPTForConditionalGeneration(
         )
         self.post_init()
 
-    def decode_regions(self, hidden, image_features=None, has_image=None, want_masks=None):
+    def decode_regions(self, hidden, image_features=None, has_image=None, want_masks=None, image_states=None):
         """Boxes and masks of `<vis>` slots from the states that predict them.
 
         hidden (N, D); image_features (N, g*g, C) fused patches of each slot's image (any value where `has_image`
         (N,) is False); want_masks (N,) bool. Returns a `BoxPrediction` (boxes (N, 4) normalized xyxy) and mask
         logits (N_m, S, S) for the rows `want_masks & has_image` in order, or None when there are none. A box
-        decoder that reads masks (`decoder_type="mask"`) gets them for every row with an image.
+        decoder that reads masks (`decoder_type="mask"`) gets them for every row with an image; one that reads the
+        LLM's image states gets `image_states` (N, g*g, D).
         """
         has_image = (
             torch.zeros(len(hidden), dtype=torch.bool, device=hidden.device) if has_image is None else has_image
@@ -248,10 +252,23 @@ class PerceptionGPTForConditionalGeneration(
         want_masks = has_image if want_masks is None else want_masks & has_image
         decode = has_image if self.box_decoder.needs_masks else want_masks  # (N,)
         masks = self.mask_decoder(hidden[decode], image_features[decode]) if decode.any() else None
-        box = self.box_decoder(hidden, image_features, has_image, masks)
+        patches = image_states if self.box_decoder.reads_llm_image_states else image_features
+        box = self.box_decoder(hidden, patches, has_image, masks)
         if masks is not None and self.box_decoder.needs_masks:
             masks = masks[want_masks[has_image]] if want_masks.any() else None
         return box, masks
+
+    def image_token_states(self, input_ids, hidden):
+        """(B, T) ids, (B, T, D) final states -> (N_img, g*g, D) at each image's patch tokens, in image order (as
+        LLaVA scatters images), or None when the box decoder does not read them or there is no image."""
+        if not self.box_decoder.reads_llm_image_states or input_ids is None:
+            return None
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        if not is_image.any():
+            return None
+        tokens = self.config.num_image_tokens
+        states = hidden[is_image].unflatten(0, (-1, tokens))  # (N_img, tokens, D)
+        return states[:, -(self.config.patch_grid_size**2) :]  # without CLS under "full"
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -316,6 +333,7 @@ class PerceptionGPTForConditionalGeneration(
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,
             last_hidden_state=kept_hidden,
+            image_token_states=self.image_token_states(input_ids, hidden),
         )
         if labels is None:
             return result
@@ -365,7 +383,10 @@ class PerceptionGPTForConditionalGeneration(
             features = result.image_outputs.mask_features[image_idx.clamp(min=0)]  # (N, g*g, C)
         has_image = image_idx >= 0
         want_masks = (has_mask & has_image) if vis_masks is not None else torch.zeros_like(has_mask)
-        box, pred_masks = self.decode_regions(states, features, has_image, want_masks)  # (N, 4), (N_m, S, S)
+        image_states = None
+        if result.image_token_states is not None:
+            image_states = result.image_token_states[image_idx.clamp(min=0)]  # (N, g*g, D)
+        box, pred_masks = self.decode_regions(states, features, has_image, want_masks, image_states)
         gt_boxes = vis_boxes.to(hidden.device)[rows[has_box], slots[has_box]].float()  # (N_box, 4)
         pred_boxes = box.boxes[has_box]  # (N_box, 4)
         denom = torch.as_tensor(has_box.sum() if num_vis is None else num_vis, device=hidden.device).clamp(min=1)

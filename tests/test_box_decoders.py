@@ -23,10 +23,15 @@ from perceptiongpt.losses_perceptiongpt import box_dfl_loss_sum, box_l1_loss_sum
 
 FIXTURES = Path(__file__).with_name("fixtures")
 DESIGNS = ("mlp", "bins", "query", "mask")
+HEADS = {
+    **{name: {"decoder_type": name} for name in DESIGNS},
+    "query-llm": {"decoder_type": "query", "query_source": "llm"},
+}
 
 
-def _model(decoder_type, preset="tiny", **overrides):
-    config = PerceptionGPTConfig.from_preset(preset, box_head_config={"decoder_type": decoder_type}, **overrides)
+def _model(head, preset="tiny", **overrides):
+    box_head = HEADS.get(head, {"decoder_type": head})
+    config = PerceptionGPTConfig.from_preset(preset, box_head_config=box_head, **overrides)
     model = PerceptionGPTForConditionalGeneration(config)
     with torch.no_grad():  # move every head off its zero init, so that each design's gradients are exercised
         for name, parameter in model.named_parameters():
@@ -37,7 +42,7 @@ def _model(decoder_type, preset="tiny", **overrides):
 
 def _decode(model, hidden, features):
     has_image = torch.ones(len(hidden), dtype=torch.bool)
-    box, _ = model.decode_regions(hidden, features, has_image, torch.zeros_like(has_image))
+    box, _ = model.decode_regions(hidden, features, has_image, torch.zeros_like(has_image), image_states=features)
     return box
 
 
@@ -45,7 +50,7 @@ def _inputs(n=6, hidden=32, patches=16, width=32, scale=1.0):
     return torch.randn(n, hidden) * scale, torch.randn(n, patches, width) * scale
 
 
-@pytest.mark.parametrize("decoder_type", DESIGNS)
+@pytest.mark.parametrize("decoder_type", sorted(HEADS))
 def test_every_design_orders_corners_inside_the_image(decoder_type):
     model = _model(decoder_type)
     for scale in (0.1, 1.0, 30.0):
@@ -55,7 +60,7 @@ def test_every_design_orders_corners_inside_the_image(decoder_type):
         assert boxes.min() >= 0 and boxes.max() <= 1
 
 
-@pytest.mark.parametrize("decoder_type", DESIGNS)
+@pytest.mark.parametrize("decoder_type", sorted(HEADS))
 def test_border_target_gets_a_gradient_on_every_wrong_coordinate(decoder_type):
     """The legacy decoder clamped to [0, 1] before the loss: a coordinate past a border had zero gradient."""
     model = _model(decoder_type)
@@ -82,7 +87,7 @@ def test_legacy_decoder_zeroes_the_gradient_past_a_border():
     assert boxes[0] == 0 and torch.equal(grad, torch.zeros(4))
 
 
-@pytest.mark.parametrize("decoder_type", DESIGNS)
+@pytest.mark.parametrize("decoder_type", sorted(HEADS))
 def test_every_parameter_gets_a_finite_gradient_in_training(decoder_type):
     model = _model(decoder_type).train()
     ids, pixels = make_batch(vis_at=((20,), (20, 25)))
@@ -93,6 +98,7 @@ def test_every_parameter_gets_a_finite_gradient_in_training(decoder_type):
     out = model(input_ids=ids, pixel_values=pixels, labels=labels, vis_boxes=boxes)
     assert out.pred_boxes.shape == (3, 4) and out.box_l1_loss > 0 and out.box_giou_loss > 0
     assert (out.box_dfl_loss > 0) == (decoder_type == "bins")
+    assert (out.image_token_states is not None) == (decoder_type == "query-llm")
     out.loss.backward()
     for name, parameter in model.box_decoder.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name

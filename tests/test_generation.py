@@ -4,6 +4,9 @@ import pytest
 import torch
 from conftest import IMAGE, VIS, make_batch
 
+from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
+from perceptiongpt.region_inputs import image_index_per_row
+
 
 NAN = float("nan")
 PROMPT = 24
@@ -46,10 +49,15 @@ def _teacher_forced(model, out, ids, attention, pixels, boxes):
     kwargs = {} if pixels is None else {"pixel_values": pixels.repeat_interleave(n, 0)}
     with torch.no_grad():
         tf = model(input_ids=seqs, attention_mask=mask, vis_boxes=vis_boxes, **kwargs)
+    image_index = image_index_per_row(seqs, IMAGE, model.config.num_image_tokens)  # (rows,)
     err, count = 0.0, 0
     for r in range(rows):
+        index, has_image = image_index[r].clamp(min=0), image_index[r : r + 1] >= 0
+        features = None if tf.image_outputs is None else tf.image_outputs.mask_features[index][None]
+        states = None if tf.image_token_states is None else tf.image_token_states[index][None]
         for j, p in enumerate(out.vis_positions[r].tolist()):
-            box = model.box_decoder(tf.last_hidden_state[r, p - 1][None]).boxes[0]
+            hidden = tf.last_hidden_state[r, p - 1][None]
+            box = model.decode_regions(hidden, features, has_image, torch.zeros_like(has_image), states)[0].boxes[0]
             prob = tf.logits[r, p - 1].softmax(-1)[VIS]
             err = max(
                 err, (box - out.pred_boxes[r][j]).abs().max().item(), abs(prob - out.vis_scores[r][j]).item() / 10
@@ -179,3 +187,29 @@ def test_peft_generate_returns_boxes(tiny_model):
     out = _generate(peft_model, ids, attention, pixels, boxes)
     assert sum(len(b) for b in out.pred_boxes) >= 2
     assert _teacher_forced(peft_model, out, ids, attention, pixels, boxes)[0] < 1e-6
+
+
+BOX_HEADS = {
+    "bins": {"decoder_type": "bins"},
+    "query-vision": {"decoder_type": "query", "query_source": "vision"},
+    "query-llm": {"decoder_type": "query", "query_source": "llm"},
+    "mask": {"decoder_type": "mask"},
+}
+
+
+@pytest.mark.parametrize("mode", ["greedy", "greedy_no_cache", "beam_n2", "sample_n2"])
+@pytest.mark.parametrize("head", sorted(BOX_HEADS))
+def test_every_box_design_generates_its_teacher_forced_boxes(head, mode):
+    torch.manual_seed(0)
+    model = PerceptionGPTForConditionalGeneration(
+        PerceptionGPTConfig.from_preset("tiny", box_head_config=BOX_HEADS[head])
+    ).eval()
+    with torch.no_grad():  # non-trivial heads, and `<vis>` likely enough to be generated
+        for name, parameter in model.named_parameters():
+            if name.startswith(("box_decoder", "mask_decoder")):
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+        model.lm_head.weight[VIS] = model.model.language_model.norm.weight * 3
+    ids, attention, pixels, boxes = _prompt()
+    out = _generate(model, ids, attention, pixels, boxes, **MODES[mode])
+    err, count = _teacher_forced(model, out, ids, attention, pixels, boxes)
+    assert count >= 2 and err < 1e-5, (count, err)
