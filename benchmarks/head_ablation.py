@@ -42,12 +42,15 @@ from perceptiongpt.trainer.demo import DemoRecipe
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARDS = RESULTS / "head_ablation"
-# variant -> its box head (`box_head_config` overrides); "text" writes coordinates and never decodes a box
-BOX_HEADS = {
-    **{name: {"decoder_type": name} for name in BOX_DECODERS if name != "legacy_cxcywh"},
-    "query_llm": {"decoder_type": "query", "query_source": "llm"},
+# variant -> its config overrides; "text" writes coordinates and never decodes a box. `*_noaux`: without the
+# design's own dense loss (`box_aux_weight` 0), as the first query shards ran.
+VARIANT_CONFIGS = {
+    **{name: {"box_head_config": {"decoder_type": name}} for name in BOX_DECODERS if name != "legacy_cxcywh"},
+    "query_llm": {"box_head_config": {"decoder_type": "query", "query_source": "llm"}},
+    "query_noaux": {"box_head_config": {"decoder_type": "query"}, "box_aux_weight": 0.0},
+    "query_llm_noaux": {"box_head_config": {"decoder_type": "query", "query_source": "llm"}, "box_aux_weight": 0.0},
 }
-DESIGNS = tuple(BOX_HEADS)
+DESIGNS = tuple(VARIANT_CONFIGS)
 VARIANTS = (*DESIGNS, "text")
 MAX_NEW_TOKENS = {"vis": 8, "text": 40}
 
@@ -117,7 +120,7 @@ def build_setup(variant: str, seed: int, masks: bool, train_size: int, eval_size
     config = PerceptionGPTConfig.from_preset(
         "demo",
         text_config={"vocab_size": len(tokenizer)},
-        box_head_config=BOX_HEADS.get(variant, BOX_HEADS["mlp"]),  # text's head is never used
+        **VARIANT_CONFIGS.get(variant, VARIANT_CONFIGS["mlp"]),  # text's head is never used
         box_l1_weight=recipe.box_l1_weight,
         box_giou_weight=recipe.box_giou_weight,
     )

@@ -64,10 +64,12 @@ def patch_centres(grid: int, device=None) -> torch.Tensor:
 
 @dataclass
 class BoxPrediction:
-    """boxes (N, 4) normalized xyxy; bin_logits (N, 4, n) over (u_x, f_x, u_y, f_y) for `bins`, else None."""
+    """boxes (N, 4) normalized xyxy; bin_logits (N, 4, n) over (u_x, f_x, u_y, f_y) for `bins`; patch_logits
+    (N, P) attention logits of `query` (rows without an image: zeros, never supervised)."""
 
     boxes: torch.Tensor
     bin_logits: torch.Tensor | None = None
+    patch_logits: torch.Tensor | None = None
 
 
 class LegacyBoxDecoder(nn.Module):
@@ -140,17 +142,19 @@ class QueryBoxDecoder(nn.Module):
         query = self.query(hidden.to(self.query.weight.dtype))  # (N, d)
         centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
         attended = torch.zeros_like(query)  # (N, d)
+        patch_logits = hidden.new_zeros(len(hidden), self.grid_size**2, dtype=torch.float32)  # (N, P)
         if image_features is not None and has_image is not None and has_image.any():
             feats = image_features[has_image].to(query.dtype)  # (N_img, P, C)
             q = query[has_image]  # (N_img, d)
             scores = torch.einsum("nd,npd->np", q, self.key(feats)) / math.sqrt(q.shape[-1])  # (N_img, P)
+            patch_logits = patch_logits.index_put((has_image.nonzero(as_tuple=True)[0],), scores.float())
             attention = scores.float().softmax(-1)  # (N_img, P)
             centres = patch_centres(self.grid_size, device=attention.device)  # (P, 2)
             centre = centre.index_put((has_image.nonzero(as_tuple=True)[0],), attention @ centres)
             values = torch.einsum("np,npd->nd", attention.to(feats.dtype), self.value(feats))  # (N_img, d)
             attended = attended.index_put((has_image.nonzero(as_tuple=True)[0],), values)
         spread = self.extent(torch.cat([query, attended], dim=-1)).float().sigmoid()  # (N, 4)
-        return BoxPrediction(box_around_centre_xyxy(centre, spread))
+        return BoxPrediction(box_around_centre_xyxy(centre, spread), patch_logits=patch_logits)
 
 
 class MaskBoxDecoder(nn.Module):

@@ -113,7 +113,7 @@ LOSS_WEIGHTS = (
     "box_giou_weight",
     "mask_dice_weight",
     "mask_bce_weight",
-    "box_dfl_weight",
+    "box_aux_weight",
 )
 # Folders saved before a head field existed were built with these designs; `from_dict` fills them in when absent.
 LEGACY_HEAD_FIELDS = {
@@ -159,7 +159,9 @@ class PerceptionGPTConfig(LlavaConfig):
     box_giou_weight: float = 1.0
     mask_dice_weight: float = 1.0
     mask_bce_weight: float = 1.0
-    box_dfl_weight: float = 1.0  # distribution focal loss of the "bins" box decoder (0 for the other designs)
+    # the box design's own dense loss: "bins" its distribution focal loss, "query" the cross-entropy of its
+    # attention against the patches inside the target box; the other designs have none
+    box_aux_weight: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -5,10 +5,12 @@ processes), the way `num_items_in_batch` works for tokens, so that splitting a b
 Shapes: N = `<vis>` targets, S = mask frame side. Boxes are normalized xyxy.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .box_decoders_perceptiongpt import ordered_params_from_box_xyxy
+from .box_decoders_perceptiongpt import ordered_params_from_box_xyxy, patch_centres
 from .box_ops import generalized_box_xyxy_iou
 
 
@@ -37,6 +39,23 @@ def box_dfl_loss_sum(bin_logits: torch.Tensor, target_boxes: torch.Tensor) -> to
     return loss.mean(-1).sum()
 
 
+def box_interior_loss_sum(patch_logits: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of an attention over a row-major g x g patch grid against the uniform distribution on the
+    patches whose centres lie inside the target box (the patch holding its centre when none does): a dense,
+    classification-style signal from a box alone. Summed over boxes. (N, g*g) logits, (N, 4) xyxy -> ()."""
+    grid = math.isqrt(patch_logits.shape[-1])
+    centres = patch_centres(grid, device=patch_logits.device)  # (P, 2)
+    x1, y1, x2, y2 = (target_boxes.float()[:, i : i + 1] for i in range(4))  # (N, 1) each
+    inside = (centres[:, 0] >= x1) & (centres[:, 0] <= x2) & (centres[:, 1] >= y1) & (centres[:, 1] <= y2)  # (N, P)
+    centre_cell = ((y1 + y2) / 2 * grid).long().clamp(0, grid - 1) * grid + ((x1 + x2) / 2 * grid).long().clamp(
+        0, grid - 1
+    )  # (N, 1)
+    fallback = torch.zeros_like(inside).scatter_(1, centre_cell, True)  # (N, P)
+    inside = torch.where(inside.any(-1, keepdim=True), inside, fallback)
+    target = inside.float() / inside.sum(-1, keepdim=True)  # (N, P)
+    return -(target * patch_logits.float().log_softmax(-1)).sum()
+
+
 def mask_dice_loss_sum(mask_logits: torch.Tensor, target_masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """Per-mask soft Dice loss, summed over masks (the official code pooled all masks into one Dice).
 
@@ -55,4 +74,11 @@ def mask_bce_loss_sum(mask_logits: torch.Tensor, target_masks: torch.Tensor) -> 
     return bce.flatten(1).mean(-1).sum()
 
 
-__all__ = ["box_dfl_loss_sum", "box_l1_loss_sum", "box_giou_loss_sum", "mask_dice_loss_sum", "mask_bce_loss_sum"]
+__all__ = [
+    "box_dfl_loss_sum",
+    "box_interior_loss_sum",
+    "box_l1_loss_sum",
+    "box_giou_loss_sum",
+    "mask_dice_loss_sum",
+    "mask_bce_loss_sum",
+]

@@ -29,6 +29,7 @@ from .heads_perceptiongpt import BoxEncoder, LayerFusion, MaskEncoder
 from .losses_perceptiongpt import (
     box_dfl_loss_sum,
     box_giou_loss_sum,
+    box_interior_loss_sum,
     box_l1_loss_sum,
     mask_bce_loss_sum,
     mask_dice_loss_sum,
@@ -54,7 +55,7 @@ class PerceptionGPTCausalLMOutput(LlavaCausalLMOutputWithPast):
     box_giou_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
     mask_bce_loss: torch.FloatTensor | None = None
-    box_dfl_loss: torch.FloatTensor | None = None
+    box_aux_loss: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     pred_masks: torch.FloatTensor | None = None
     image_token_states: torch.FloatTensor | None = None
@@ -358,7 +359,7 @@ class PerceptionGPTForConditionalGeneration(
             + config.box_giou_weight * result.box_giou_loss
             + config.mask_dice_weight * result.mask_dice_loss
             + config.mask_bce_weight * result.mask_bce_loss
-            + config.box_dfl_weight * result.box_dfl_loss
+            + config.box_aux_weight * result.box_aux_loss
         )
         return PerceptionGPTCausalLMOutput(loss=loss, **result)  # rebuilt so that `loss` leads its tuple form
 
@@ -367,7 +368,7 @@ class PerceptionGPTForConditionalGeneration(
     ):
         """Fills the box and mask losses of `result` from the states that predict each target `<vis>`."""
         zero = hidden.sum() * 0.0  # keeps the graph connected when a batch has no targets
-        result.box_l1_loss = result.box_giou_loss = result.box_dfl_loss = zero
+        result.box_l1_loss = result.box_giou_loss = result.box_aux_loss = zero
         result.mask_dice_loss = result.mask_bce_loss = zero
         if input_ids is None or vis_boxes is None:
             return
@@ -393,7 +394,11 @@ class PerceptionGPTForConditionalGeneration(
         result.box_l1_loss = box_l1_loss_sum(pred_boxes, gt_boxes) / denom
         result.box_giou_loss = box_giou_loss_sum(pred_boxes, gt_boxes) / denom
         if box.bin_logits is not None:
-            result.box_dfl_loss = box_dfl_loss_sum(box.bin_logits[has_box], gt_boxes) / denom
+            result.box_aux_loss = box_dfl_loss_sum(box.bin_logits[has_box], gt_boxes) / denom
+        elif box.patch_logits is not None:
+            seen = has_image[has_box]  # (N_box,): only a box with an image has patches to point at
+            interior = box_interior_loss_sum(box.patch_logits[has_box][seen], gt_boxes[seen])
+            result.box_aux_loss = interior / denom
         result.pred_boxes = pred_boxes
         if pred_masks is None:
             return

@@ -18,7 +18,7 @@ from perceptiongpt.box_decoders_perceptiongpt import (
 )
 from perceptiongpt.configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig
 from perceptiongpt.heads_perceptiongpt import MaskEncoder
-from perceptiongpt.losses_perceptiongpt import box_dfl_loss_sum, box_l1_loss_sum
+from perceptiongpt.losses_perceptiongpt import box_dfl_loss_sum, box_interior_loss_sum, box_l1_loss_sum
 
 
 FIXTURES = Path(__file__).with_name("fixtures")
@@ -97,7 +97,7 @@ def test_every_parameter_gets_a_finite_gradient_in_training(decoder_type):
     boxes = torch.tensor([[[0.0, 0.1, 0.5, 0.5], [nan] * 4], [[0.2, 0.0, 1.0, 0.4], [0.3, 0.3, 0.4, 0.9]]])
     out = model(input_ids=ids, pixel_values=pixels, labels=labels, vis_boxes=boxes)
     assert out.pred_boxes.shape == (3, 4) and out.box_l1_loss > 0 and out.box_giou_loss > 0
-    assert (out.box_dfl_loss > 0) == (decoder_type == "bins")
+    assert (out.box_aux_loss > 0) == (decoder_type in ("bins", "query", "query-llm"))
     assert (out.image_token_states is not None) == (decoder_type == "query-llm")
     out.loss.backward()
     for name, parameter in model.box_decoder.named_parameters():
@@ -130,6 +130,15 @@ def test_distribution_focal_loss_by_hand():
     expected = -(0.8 * log_p[0, 1] + 0.2 * log_p[0, 2]) - log_p[1, 4] - log_p[2, 0] - log_p[3, 4]
     torch.testing.assert_close(box_dfl_loss_sum(logits, target), expected / 4)
     assert box_l1_loss_sum(target, target) == 0
+
+
+def test_box_interior_loss_by_hand():
+    # 2 x 2 patches centred at (.25, .25), (.75, .25), (.25, .75), (.75, .75)
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.6, 0.6, 0.7, 0.7]])  # left column; a box between centres
+    log_p = logits.log_softmax(-1)
+    expected = -(0.5 * log_p[0, 0] + 0.5 * log_p[0, 2]) - log_p[1, 3]  # the 2nd falls back to its centre's patch
+    torch.testing.assert_close(box_interior_loss_sum(logits, boxes), expected)
 
 
 def test_decoder_type_is_validated_and_always_saved(tmp_path):

@@ -16,7 +16,7 @@ from perceptiongpt.region_inputs import vis_targets
 from .evaluation import evaluate_grounding
 
 
-LOSS_PARTS = ("lm_loss", "box_l1_loss", "box_giou_loss", "box_dfl_loss", "mask_dice_loss", "mask_bce_loss")
+LOSS_PARTS = ("lm_loss", "box_l1_loss", "box_giou_loss", "box_aux_loss", "mask_dice_loss", "mask_bce_loss")
 
 
 class PerceptionGPTTrainer(Trainer):
