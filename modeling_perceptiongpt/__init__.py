@@ -3,7 +3,7 @@
 Importing the package registers the Auto classes. The trainer is imported lazily (it pulls in peft/accelerate).
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionGPTConfig
 from .conversion_perceptiongpt import add_vis_token, from_llava
@@ -18,6 +18,7 @@ from .processing.processing_perceptiongpt import PerceptionGPTProcessor
 
 
 AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_ok=True)
+AutoModel.register(PerceptionGPTConfig, PerceptionGPTModel, exist_ok=True)
 AutoModelForImageTextToText.register(PerceptionGPTConfig, PerceptionGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PerceptionGPTConfig, PerceptionGPTProcessor, exist_ok=True)
 # save_pretrained copies the code and writes `auto_map`, so saved folders load with trust_remote_code=True

@@ -10,7 +10,7 @@ Shapes: R = generation rows (batch x beams or x returned sequences), K slots, D 
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationMixin, LogitsProcessorList, SuppressTokensLogitsProcessor
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .region_inputs import image_index_per_row
@@ -20,12 +20,13 @@ from .region_inputs import image_index_per_row
 class PerceptionGPTGenerateOutput(GenerateDecoderOnlyOutput):
     """Per output row, for the GENERATED `<vis>` tokens: pred_boxes (n, 4) normalized xyxy; pred_masks (n, S, S)
     logits, or None without an image; vis_scores (n,) probability of `<vis>` when it was produced; vis_positions
-    (n,) indices into `sequences`."""
+    (n,) indices into `sequences`. prompt_length: the prompt's tokens at the start of every row of `sequences`."""
 
     pred_boxes: list[torch.Tensor] | None = None
     pred_masks: list[torch.Tensor | None] | None = None
     vis_scores: list[torch.Tensor] | None = None
     vis_positions: list[torch.Tensor] | None = None
+    prompt_length: int | None = None
 
 
 @dataclass
@@ -36,17 +37,7 @@ class PerceptionGPTBeamGenerateOutput(GenerateBeamDecoderOnlyOutput):
     pred_masks: list[torch.Tensor | None] | None = None
     vis_scores: list[torch.Tensor] | None = None
     vis_positions: list[torch.Tensor] | None = None
-
-
-class SuppressTokenLogitsProcessor(LogitsProcessor):
-    """Never sample `<image>`: LLaVA finds image placeholders by embedding, so a sampled one corrupts later passes."""
-
-    def __init__(self, token_id: int):
-        self.token_id = token_id
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.token_id] = -float("inf")
-        return scores
+    prompt_length: int | None = None
 
 
 class PerceptionGenerationState:
@@ -76,6 +67,7 @@ _UNSUPPORTED = {
     "prompt_lookup_num_tokens": "prompt-lookup (speculative) decoding",
     "assistant_early_exit": "self-speculative (early-exit) decoding",
     "prefill_chunk_size": "chunked prefill",
+    "custom_generate": "a custom generation loop (`custom_generate`)",
 }
 
 
@@ -102,7 +94,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             raise ValueError("PerceptionGPT generate() needs `input_ids` to find the `<vis>` tokens, got None.")
         state = PerceptionGenerationState(input_ids.shape[0], input_ids.shape[1], kwargs.get("vis_boxes"))
         processors = LogitsProcessorList(logits_processor or [])
-        processors.append(SuppressTokenLogitsProcessor(self.config.image_token_id))
+        # never sample `<image>`: LLaVA finds image placeholders by embedding, so a sampled one corrupts later passes
+        processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=input_ids.device))
         out = super().generate(
             inputs=inputs,
             generation_config=generation_config,
@@ -118,7 +111,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             if isinstance(out, GenerateBeamDecoderOnlyOutput)
             else PerceptionGPTGenerateOutput
         )
-        return cls(**out, **fields)
+        return cls(**out, **fields, prompt_length=state.prompt_length)
 
     def prepare_inputs_for_generation(
         self,

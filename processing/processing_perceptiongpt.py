@@ -307,8 +307,8 @@ class PerceptionGPTProcessor(LlavaProcessor):
                 `pred_masks` (n, h, w) logits or None, `vis_scores` (n,) and `vis_positions` (n,).
             image_sizes: one original (H, W) per INPUT sample; rows = samples x num_return_sequences, and row r
                 belongs to sample r // (rows // samples).
-            prompt_length: tokens to cut from each row; None derives it from `outputs.scores`/`outputs.logits` when
-                present (one entry per generated step), else keeps the whole sequence.
+            prompt_length: tokens to cut from each row; None takes `outputs.prompt_length` (set by PerceptionGPT's
+                generate), else derives it from `outputs.scores`/`outputs.logits`, else keeps the whole sequence.
             mask_threshold: logit threshold for masks (0.0 = probability 0.5).
             vis_marker: replaces each generated `<vis>` in the text, with "{index}" the 1-based object number
                 (e.g. "[obj{index}]"); None keeps `<vis>`.
@@ -333,6 +333,8 @@ class PerceptionGPTProcessor(LlavaProcessor):
         if samples == 0 or rows % samples:
             raise ValueError(f"`image_sizes` must have one (H, W) per sample, dividing {rows} rows, got {samples}.")
         if prompt_length is None:
+            prompt_length = getattr(outputs, "prompt_length", None)
+        if prompt_length is None:  # an output built elsewhere: derive it from the per-step scores when present
             steps = getattr(outputs, "scores", None) or getattr(outputs, "logits", None)
             prompt_length = sequences.shape[1] - len(steps) if steps else 0
         pred_masks = getattr(outputs, "pred_masks", None)

@@ -82,3 +82,35 @@ def test_default_model_class_builds_from_default_sized_config_on_meta():
     with torch.device("meta"):
         model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig())
     assert model.get_input_embeddings().weight.shape[0] == 32064
+
+
+def test_auto_model_gives_the_base_model(tiny_config):
+    from transformers import AutoModel
+
+    from perceptiongpt import PerceptionGPTModel
+
+    assert type(AutoModel.from_config(tiny_config)) is PerceptionGPTModel
+
+
+def test_custom_generate_is_refused(tiny_model):
+    ids, pixels = make_batch(batch_size=1, vis_at=((),))
+    with pytest.raises(ValueError, match="custom generation loop .*`custom_generate`"):
+        tiny_model.generate(input_ids=ids, pixel_values=pixels, custom_generate="org/loop", max_new_tokens=2)
+
+
+def test_post_process_cuts_the_prompt_without_scores(tiny_model):
+    """Without output_scores the prompt length comes from the generate output, so prompt `<vis>` are never
+    numbered as answers."""
+    from perceptiongpt.processing.processing_perceptiongpt import build_processor
+    from perceptiongpt.processing.tokenization_factory import build_tokenizer
+
+    processor = build_processor(16, 4, 16, build_tokenizer("char"))
+    ids, pixels = make_batch(batch_size=1, vis_at=((20,),))
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5]]])
+    out = tiny_model.generate(
+        input_ids=ids, pixel_values=pixels, vis_boxes=boxes, max_new_tokens=4, return_dict_in_generate=True
+    )
+    assert out.scores is None and out.prompt_length == ids.shape[1]
+    default = processor.post_process_generation(out, [(16, 16)], vis_marker="[obj{index}]")[0]
+    explicit = processor.post_process_generation(out, [(16, 16)], prompt_length=30, vis_marker="[obj{index}]")[0]
+    assert default["text"] == explicit["text"] and len(default["boxes"]) == len(out.pred_boxes[0])
