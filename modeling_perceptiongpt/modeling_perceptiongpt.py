@@ -310,6 +310,14 @@ class PerceptionGPTForConditionalGeneration(
                 )
             # a cache built from a packed or padded training batch is never valid to continue from
             kwargs["use_cache"] = False
+            if kwargs.get("num_items_in_batch") is not None and num_vis_in_batch is None and vis_is_target.any():
+                # a plain Trainer stops dividing by gradient accumulation once the model takes `num_items_in_batch`,
+                # while the box/mask means here would stay local: over-weighted x GA x processes, silently
+                raise ValueError(
+                    "`num_items_in_batch` was given without `num_vis_in_batch`: a plain `transformers.Trainer` would "
+                    "over-weight the box and mask losses by the gradient-accumulation steps and processes. Train "
+                    "with `perceptiongpt.trainer.PerceptionGPTTrainer`, which passes the global `<vis>` counts."
+                )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -270,3 +270,18 @@ def test_paper_preset_trainable_share_on_meta_device():
     assert 0.75 < shares[False] < 0.85  # LoRA 8.4M + heads ~48M + 2 token rows, of 7.16B
     # the whole 32064-row embedding replaces the single `<vis>` row delta
     assert abs((shares[True] - shares[False]) / 100 * base - (32064 - 1) * 4096) < 1
+
+
+def test_plain_trainer_is_refused_rather_than_mis_normalized(rows, tmp_path):
+    from transformers import Trainer
+
+    processor = build_processor(16, 4, 16, build_tokenizer("char"))
+    model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        train_dataset=rows,
+        data_collator=DataCollatorForPerceptionGPT(processor),
+    )
+    with pytest.raises(ValueError, match="`num_items_in_batch` was given without `num_vis_in_batch`.*Trainer"):
+        trainer.train()
