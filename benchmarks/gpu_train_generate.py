@@ -257,6 +257,8 @@ def run_implementation(args, config, implementation, dtype, force_flash=True):
         training_batch(config, args.train_batch_size, args.text_tokens, args.num_vis, generator), device, dtype
     )
     lm_only = {k: v for k, v in batch.items() if k not in ("vis_boxes", "vis_masks", "vis_mask_valid")}
+    # no `<vis>` target without its box (the model refuses that); the heads then never run
+    lm_only["labels"] = batch["labels"].masked_fill(batch["labels"] == config.vis_token_id, -100)
     tokens = batch["input_ids"].numel()
     with attention_context(implementation, device, force_flash):
         _reset_peak(device)

@@ -25,6 +25,7 @@ FIXTURES = Path(__file__).with_name("fixtures")
 DESIGNS = ("mlp", "bins", "query", "mask")
 HEADS = {
     **{name: {"decoder_type": name} for name in DESIGNS},
+    "query": {"decoder_type": "query", "query_source": "vision"},
     "query-llm": {"decoder_type": "query", "query_source": "llm"},
 }
 
