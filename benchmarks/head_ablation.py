@@ -245,6 +245,18 @@ def _summary(shards: list[dict]) -> dict:
     }
 
 
+def planned_shards(default: str, seeds=(0, 1)) -> list[str]:
+    """The grid: every design with its aux loss and text at the recipe's lr, 2 seeds; mlp and the default with
+    mask supervision, 1 seed."""
+    recipe = DemoRecipe()
+    names = [
+        shard_name(variant, seed, False, recipe.learning_rate, recipe)
+        for variant in ("mlp", "bins", "query", "mask", "query_llm", "text")
+        for seed in seeds
+    ]
+    return names + [shard_name(variant, 0, True, recipe.learning_rate, recipe) for variant in ("mlp", default)]
+
+
 def aggregate(default: str) -> dict:
     shards = [json.loads(path.read_text()) for path in sorted(SHARDS.glob("*.json"))]
     shards = [s for s in shards if not s["quick"]]
@@ -305,6 +317,9 @@ def write_ablation_report(result: dict) -> None:
     if result["text_lr_sweep"]:
         sweep = ", ".join(f"lr {lr}: {s['final_acc@0.5']:.3f}" for lr, s in result["text_lr_sweep"].items())
         lines += ["", f"Text learning-rate sweep (final Acc@0.5): {sweep}."]
+    missing = [name for name in planned_shards(result["default"]) if not (SHARDS / f"{name}.json").exists()]
+    if missing:
+        lines += ["", "Shards of the planned grid still to run: " + ", ".join(f"`{name}`" for name in missing) + "."]
     lines += ["", "![accuracy curves](../benchmarks/results/head_ablation.png)", ""]
     (ROOT / "docs" / "head_ablation.md").write_text("\n".join(lines))
 
