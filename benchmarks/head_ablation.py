@@ -424,7 +424,7 @@ def main():
     parser.add_argument("--final-size", type=int, default=500, help="held-out samples of the final evaluation")
     parser.add_argument("--quick", action="store_true", help="60 steps on 50 samples (written with a _quick name)")
     parser.add_argument("--aggregate", action="store_true", help="combine the committed shards")
-    parser.add_argument("--default", default="query", choices=DESIGNS, help="the design the aggregate calls default")
+    parser.add_argument("--default", default="query_llm", choices=DESIGNS, help="the variant of the model default")
     args = parser.parse_args()
     if args.aggregate:
         result = aggregate(args.default)
