@@ -77,9 +77,9 @@ def _generated_lengths(sequences, prompt_length, eos_id):
     return lengths
 
 
-def measure_generation(model, processor, rows, variant, image_position, repeats=3):
+def measure_generation(model, processor, rows, variant, repeats=3):
     """Tokens per object and per-query latency at batch 1 and 8 (median of `repeats` passes)."""
-    collator = DataCollatorForPerceptionGPT(processor, image_position=image_position)
+    collator = DataCollatorForPerceptionGPT(processor)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     lengths, latency = [], {}
@@ -125,7 +125,11 @@ def build_setup(variant: str, seed: int, masks: bool, train_size: int, eval_size
         box_giou_weight=recipe.box_giou_weight,
     )
     processor = build_processor(
-        config.vision_config.image_size, config.vision_config.patch_size, config.mask_head_config.mask_size, tokenizer
+        config.vision_config.image_size,
+        config.vision_config.patch_size,
+        config.mask_head_config.mask_size,
+        tokenizer,
+        image_position=recipe.image_position,
     )
     set_seed(seed)
     model = PerceptionGPTForConditionalGeneration(config)
@@ -142,9 +146,7 @@ def train_and_evaluate(args, recipe: DemoRecipe) -> dict:
         args.variant, args.seed, args.masks, train_size, final_size, recipe
     )
     coordinate_format = "text" if args.variant == "text" else "vis"
-    collator = DataCollatorForPerceptionGPT(
-        processor, image_position=recipe.image_position, coordinate_format=coordinate_format
-    )
+    collator = DataCollatorForPerceptionGPT(processor, coordinate_format=coordinate_format)
     encoded = [collator.encode(row, i) for i, row in enumerate(train_rows)]
 
     def evaluate(m, rows):
@@ -155,7 +157,6 @@ def train_and_evaluate(args, recipe: DemoRecipe) -> dict:
             rows,
             batch_size=50,
             max_new_tokens=MAX_NEW_TOKENS[coordinate_format],
-            image_position=recipe.image_position,
             coordinate_format=coordinate_format,
         )
         m.train(was_training)
@@ -193,9 +194,7 @@ def train_and_evaluate(args, recipe: DemoRecipe) -> dict:
     train_seconds = time.perf_counter() - start - callback.eval_seconds
     model.eval()
     final = evaluate(model, eval_rows[:final_size])
-    tokens, latency_b1, latency_b8 = measure_generation(
-        model, processor, eval_rows[:8], coordinate_format, recipe.image_position
-    )
+    tokens, latency_b1, latency_b8 = measure_generation(model, processor, eval_rows[:8], coordinate_format)
     return {
         "variant": args.variant,
         "seed": args.seed,

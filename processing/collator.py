@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from .templates import IMAGE_POSITIONS, user_content
 from .text_coordinates import COORDINATE_FORMATS, row_with_text_coordinates
 
 
 IGNORE_INDEX = -100
-IMAGE_POSITIONS = ("first", "after_text")
 ROLES = ("system", "user", "assistant")
 OVERFLOW_ACTIONS = ("raise", "drop")
 
@@ -46,8 +46,8 @@ class DataCollatorForPerceptionGPT:
         max_length: longest allowed sequence, image tokens included; None = no limit. A sample is never truncated
             (that could cut a `<vis>` or an `<image>` block): it raises or is dropped, per `on_overflow`.
         on_overflow: "raise" or "drop" (with a warning) for samples longer than `max_length`.
-        image_position: "first" puts the image before the first user text, "after_text" after it (the question comes
-            first, which helps tiny models trained from scratch).
+        image_position: "first" puts the image before the first user text, "after_text" after it; None (default)
+            takes the processor's `image_position`, the layout the model is trained and queried with.
         coordinate_format: "vis" (one `<vis>` per answer object) or "text" (the Shikra-style baseline: answer boxes
             written as `[x1,y1,x2,y2]` normalized text, see `text_coordinates.py`).
 
@@ -62,11 +62,12 @@ class DataCollatorForPerceptionGPT:
         processor,
         max_length: int | None = None,
         on_overflow: str = "raise",
-        image_position: str = "first",
+        image_position: str | None = None,
         coordinate_format: str = "vis",
     ):
         if on_overflow not in OVERFLOW_ACTIONS:
             raise ValueError(f"`on_overflow` must be one of {OVERFLOW_ACTIONS}, got {on_overflow!r}.")
+        image_position = processor.image_position if image_position is None else image_position
         if image_position not in IMAGE_POSITIONS:
             raise ValueError(f"`image_position` must be one of {IMAGE_POSITIONS}, got {image_position!r}.")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
@@ -97,8 +98,7 @@ class DataCollatorForPerceptionGPT:
                 raise ValueError(f"`{name}` must not contain {self.processor.image_token!r}; the collator places it.")
             parts = [{"type": "text", "text": content}]
             if message.get("role") == "user" and not image_placed:
-                image = {"type": "image", "image": row.get("image")}
-                parts = [image, *parts] if self.image_position == "first" else [*parts, image]
+                parts = user_content(content, row.get("image"), self.image_position)
                 image_placed = True
             conversation.append({"role": message.get("role"), "content": parts})
         if not image_placed:

@@ -98,7 +98,7 @@ class DataCollatorForPackedPerceptionGPT(DataCollatorForPerceptionGPT):
     `num_items_in_batch` and the `<vis>` target counts are unchanged by packing.
     """
 
-    def __init__(self, processor, max_length=None, on_overflow="raise", image_position="first", return_seq_idx=False):
+    def __init__(self, processor, max_length=None, on_overflow="raise", image_position=None, return_seq_idx=False):
         super().__init__(processor, max_length=max_length, on_overflow=on_overflow, image_position=image_position)
         self.return_seq_idx = return_seq_idx
 

@@ -12,10 +12,10 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava.processing_llava import LlavaProcessor
 
+from .input_validation import flatten_images, per_sample, slot_list, to_rgb_image, validated_box, validated_mask
 from .region_geometry import (
     boxes_xyxy_from_masks,
     boxes_xyxy_normalized_to_pixel,
@@ -24,102 +24,10 @@ from .region_geometry import (
     mask_logits_frame_to_pixel,
     mask_pixel_to_frame,
 )
-from .templates import CHAT_TEMPLATE
+from .templates import CHAT_TEMPLATE, IMAGE_POSITIONS, user_content
 
 
 RESIZE_MODES = ("pad", "resize", "center_crop")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def _to_rgb_image(image, name: str) -> Image.Image:
-    """PIL, (H, W[, C]) numpy or (C, H, W) torch image of any common mode -> RGB PIL; 16-bit is scaled, not clipped."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-        image = np.moveaxis(image, 0, -1) if image.ndim == 3 else image  # torch images are channel-first
-    if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
-            raise ValueError(f"`{name}` must be an (H, W) or (H, W, C) array with C in 1, 3, 4, got {image.shape}.")
-        if image.dtype == np.uint16:
-            image = (image.astype(np.float64) / 257).round().astype(np.uint8)
-        elif image.dtype == bool:
-            image = image.astype(np.uint8) * 255
-        elif np.issubdtype(image.dtype, np.floating):
-            image = (np.clip(np.nan_to_num(image), 0, 1) * 255).round().astype(np.uint8)
-        elif image.dtype != np.uint8:
-            raise TypeError(f"`{name}` must be uint8, uint16, bool or float in [0, 1], got dtype {image.dtype}.")
-        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"`{name}` must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}.")
-    if image.width < 1 or image.height < 1:
-        raise ValueError(f"`{name}` must have a positive size, got {image.width}x{image.height}.")
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((np.clip(values, 0, 65535) / 257).round().astype(np.uint8))
-    elif image.mode == "F":
-        raise ValueError(f"`{name}` has PIL mode 'F' (float), which has no defined color range; convert it first.")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _flatten_images(images) -> list:
-    if isinstance(images, (list, tuple)):
-        return [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
-    return [images]
-
-
-def _per_sample(values, batch_size: int, name: str) -> list:
-    if values is None:
-        return [None] * batch_size
-    if not isinstance(values, (list, tuple)):
-        raise TypeError(f"`{name}` must be a list with one entry per text, got {type(values).__name__}.")
-    if len(values) != batch_size:
-        raise ValueError(f"`{name}` must be a list with one entry per text ({batch_size}), got {len(values)}.")
-    return list(values)
-
-
-def _slot_list(values, n_vis: int, name: str) -> list:
-    if values is None:
-        return [None] * n_vis
-    if isinstance(values, (np.ndarray, torch.Tensor)):
-        values = list(values)  # an (n, 4) box array or an (n, H, W) mask array: one slot per row
-    if not isinstance(values, (list, tuple)):
-        raise TypeError(f"`{name}` must be a list with one entry per `<vis>`, got {type(values).__name__}.")
-    if len(values) != n_vis:
-        raise ValueError(f"`{name}` has {len(values)} entries but its text has {n_vis} `<vis>` tokens.")
-    return list(values)
-
-
-def _validated_mask(mask, image_size: tuple[int, int], name: str) -> np.ndarray:
-    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else mask
-    if not isinstance(mask, np.ndarray):
-        raise TypeError(f"`{name}` must be an (H, W) bool array or None, got {type(mask).__name__}.")
-    if mask.shape != tuple(image_size):
-        raise ValueError(f"`{name}` must have the image's size (H, W) = {tuple(image_size)}, got shape {mask.shape}.")
-    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():
-        raise ValueError(f"`{name}` must be boolean (or 0/1), got values outside {{0, 1}} of dtype {mask.dtype}.")
-    return mask.astype(bool)
-
-
-def _validated_box(box, image_size: tuple[int, int], name: str) -> np.ndarray:
-    try:
-        box = np.asarray(box.cpu() if isinstance(box, torch.Tensor) else box, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"`{name}` must be 4 numbers [x1, y1, x2, y2], got {box!r}.") from error
-    if box.shape != (4,):
-        raise ValueError(f"`{name}` must be 4 numbers [x1, y1, x2, y2], got shape {box.shape}.")
-    if not np.isfinite(box).all():
-        raise ValueError(f"`{name}` must be finite, got {box.tolist()}.")
-    x1, y1, x2, y2 = box
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"`{name}` must have x2 > x1 and y2 > y1 (pixel xyxy), got {box.tolist()}.")
-    height, width = image_size
-    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-        raise ValueError(f"`{name}` lies entirely outside the {width}x{height} (WxH) image, got {box.tolist()}.")
-    clipped = np.clip(box, 0, [width, height, width, height])
-    if not np.array_equal(clipped, box):
-        warnings.warn(f"`{name}` = {box.tolist()} extends past the {width}x{height} image; clipped to it.")
-    return clipped
 
 
 class PerceptionGPTProcessor(LlavaProcessor):
@@ -129,6 +37,9 @@ class PerceptionGPTProcessor(LlavaProcessor):
         vis_token (`str`, defaults to `"<vis>"`): the object token; the tokenizer's named `vis_token` wins.
         mask_size (`int`, *optional*): the mask head's square resolution (the model config's mask size). Needed only
             to pass masks.
+        image_position (`str`, defaults to `"first"`): the prompt layout, part of the model: "first" puts the image
+            before the question, "after_text" after it. Saved with the processor; the collator, evaluation, the
+            Trainer and the CLI default to it, and `user_content` builds a query in it.
         Other args: as `LlavaProcessor`.
 
     The resize mode is not an argument: it is what the image processor does (see `resize_mode`), so the box maths can
@@ -148,6 +59,7 @@ class PerceptionGPTProcessor(LlavaProcessor):
         num_additional_image_tokens=0,
         vis_token="<vis>",
         mask_size=None,
+        image_position="first",
         **kwargs,
     ):
         self.vis_token = getattr(tokenizer, "vis_token", None) or vis_token
@@ -156,7 +68,9 @@ class PerceptionGPTProcessor(LlavaProcessor):
             raise ValueError(f"`tokenizer` has no {self.vis_token!r} token; add it as a special token first.")
         if mask_size is not None and (not isinstance(mask_size, int) or mask_size < 1):
             raise ValueError(f"`mask_size` must be a positive int or None, got {mask_size!r}.")
-        self.mask_size = mask_size
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"`image_position` must be one of {IMAGE_POSITIONS}, got {image_position!r}.")
+        self.mask_size, self.image_position = mask_size, image_position
         super().__init__(
             image_processor=image_processor,
             tokenizer=tokenizer,
@@ -179,6 +93,10 @@ class PerceptionGPTProcessor(LlavaProcessor):
     @property
     def model_input_names(self) -> list[str]:
         return super().model_input_names + ["vis_boxes", "vis_masks", "vis_mask_valid"]
+
+    def user_content(self, text: str, image) -> list[dict]:
+        """A user turn's content with `image` placed where this model expects it (its `image_position`)."""
+        return user_content(text, image, self.image_position)
 
     def image_geometry(self, image_size: tuple[int, int]):
         """The `ImageGeometry` mapping an original (H, W) image onto the vision frame."""
@@ -209,7 +127,7 @@ class PerceptionGPTProcessor(LlavaProcessor):
         elif boxes is not None or masks is not None:
             raise ValueError("`boxes` and `masks` need the `text` whose `<vis>` tokens they belong to; got text=None.")
         if images is not None:
-            images = [_to_rgb_image(image, f"images[{i}]") for i, image in enumerate(_flatten_images(images))]
+            images = [to_rgb_image(image, f"images[{i}]") for i, image in enumerate(flatten_images(images))]
         outputs = super().__call__(images=images, text=texts, **kwargs)
         if texts is None:
             return outputs
@@ -234,7 +152,7 @@ class PerceptionGPTProcessor(LlavaProcessor):
         starts = np.cumsum([0, *image_counts])
         slots = max(vis_counts, default=0)
         vis_boxes = np.full((batch_size, slots, 4), np.nan, dtype=np.float32)
-        box_lists, mask_lists = _per_sample(boxes, batch_size, "boxes"), _per_sample(masks, batch_size, "masks")
+        box_lists, mask_lists = per_sample(boxes, batch_size, "boxes"), per_sample(masks, batch_size, "masks")
         with_masks = masks is not None
         if with_masks and self.mask_size is None:
             raise ValueError("`masks` need the processor's `mask_size` (the mask head's resolution), got None.")
@@ -251,12 +169,12 @@ class PerceptionGPTProcessor(LlavaProcessor):
             image = images[starts[sample]]
             image_size = (image.height, image.width)
             geometry = self.image_geometry(image_size)
-            sample_boxes = _slot_list(box_lists[sample], vis_counts[sample], f"boxes[{sample}]")
-            sample_masks = _slot_list(mask_lists[sample], vis_counts[sample], f"masks[{sample}]")
+            sample_boxes = slot_list(box_lists[sample], vis_counts[sample], f"boxes[{sample}]")
+            sample_masks = slot_list(mask_lists[sample], vis_counts[sample], f"masks[{sample}]")
             for slot, (box, mask) in enumerate(zip(sample_boxes, sample_masks)):
                 name = f"[{sample}][{slot}]"
                 if mask is not None:
-                    mask = _validated_mask(mask, image_size, f"masks{name}")
+                    mask = validated_mask(mask, image_size, f"masks{name}")
                     vis_masks[sample, slot] = mask_pixel_to_frame(mask, geometry, self.mask_size)
                     vis_mask_valid[sample, slot] = True
                     if box is None:
@@ -265,7 +183,7 @@ class PerceptionGPTProcessor(LlavaProcessor):
                             raise ValueError(f"`masks{name}` is empty and `boxes{name}` is None: no region given.")
                 if box is None:
                     continue
-                box = _validated_box(box, image_size, f"boxes{name}")
+                box = validated_box(box, image_size, f"boxes{name}")
                 normalized = boxes_xyxy_pixel_to_normalized(torch.from_numpy(box)[None], geometry)[0].numpy()
                 visible = np.clip(normalized, 0, 1).astype(np.float32)  # checked in the dtype the model gets
                 if visible[2] <= visible[0] or visible[3] <= visible[1]:
@@ -367,6 +285,7 @@ def build_processor(
     chat_template: str | None = CHAT_TEMPLATE,
     vision_feature_select_strategy: str = "default",
     num_additional_image_tokens: int = 1,
+    image_position: str = "first",
 ) -> PerceptionGPTProcessor:
     """A processor whose LLaVA image processor realizes `resize_mode` at `image_size` x `image_size`.
 
@@ -377,6 +296,7 @@ def build_processor(
         mask_size: the mask head's square resolution.
         resize_mode: "pad" (LLaVA-1.5: pad to a square with the mean color, then resize), "resize" (squash) or
             "center_crop" (CLIP: resize the short side, then crop the center).
+        image_position: the prompt layout saved with the processor ("first" or "after_text").
     """
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"`resize_mode` must be one of {RESIZE_MODES}, got {resize_mode!r}.")
@@ -395,6 +315,7 @@ def build_processor(
         chat_template=chat_template,
         num_additional_image_tokens=num_additional_image_tokens,
         mask_size=mask_size,
+        image_position=image_position,
     )
 
 

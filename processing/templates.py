@@ -37,6 +37,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
+# Where the image goes in the first user turn: part of the model (stored on the processor, saved with it).
+IMAGE_POSITIONS = ("first", "after_text")
 TASKS = ("rec", "res", "reg", "multi", "caption")
 
 TASK_TEMPLATES = {
@@ -98,6 +100,15 @@ TASK_TEMPLATES = {
         "none": "Nothing is in the image.",
     },
 }
+
+
+def user_content(text: str, image, image_position: str) -> list[dict]:
+    """A user turn's content parts: `text` with `image` before it ("first") or after it ("after_text")."""
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"`image_position` must be one of {IMAGE_POSITIONS}, got {image_position!r}.")
+    parts = [{"type": "text", "text": text}]
+    image_part = {"type": "image", "image": image}
+    return [image_part, *parts] if image_position == "first" else [*parts, image_part]
 
 
 def _fill(template: str, expression: str, objects: str) -> str:

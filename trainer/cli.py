@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 
-IMAGE_POSITIONS = ("first", "after_text")
+IMAGE_POSITIONS = ("first", "after_text")  # templates.IMAGE_POSITIONS; `--help` must not import torch
 
 
 def _add_demo(sub):
@@ -37,8 +37,9 @@ def _add_data_flags(p):
     p.add_argument(
         "--image-position",
         choices=IMAGE_POSITIONS,
-        default="after_text",
-        help="put the image before the question (first) or after it (after_text, the demo's choice)",
+        default=None,
+        help="put the image before the question (first) or after it (after_text); default: the layout saved with "
+        "the model's processor (train: an override is saved with the fine-tuned model)",
     )
 
 
@@ -80,8 +81,8 @@ def _add_predict(sub):
     p.add_argument(
         "--image-position",
         choices=IMAGE_POSITIONS,
-        default="after_text",
-        help="where the image goes relative to the question",
+        default=None,
+        help="where the image goes relative to the question; default: the layout saved with the model's processor",
     )
 
 
@@ -121,6 +122,8 @@ def _train(args):
     from . import PerceptionGPTTrainer, lora_config
 
     model, processor = _load(args.model)
+    if args.image_position is not None:  # the fine-tuned model is saved with the layout it was trained on
+        processor.image_position = args.image_position
     if args.lora != "none":
         model = get_peft_model(model, lora_config(model, preset=args.lora))
     training_args = TrainingArguments(
@@ -137,14 +140,12 @@ def _train(args):
         remove_unused_columns=False,
         report_to=[],
     )
-    collator = DataCollatorForPerceptionGPT(processor, image_position=args.image_position)
     trainer = PerceptionGPTTrainer(
         model=model,
         args=training_args,
         train_dataset=_rows(args, "train"),
-        data_collator=collator,
+        data_collator=DataCollatorForPerceptionGPT(processor),
         processing_class=processor,
-        eval_image_position=args.image_position,
     )
     trainer.train()
     trainer.save_model(str(Path(args.output) / "final"))
@@ -176,11 +177,10 @@ def _predict(args):
 
     model, processor = _load(args.model)
     image = Image.open(args.image).convert("RGB")
-    parts = [{"type": "text", "text": args.prompt}, {"type": "image", "image": image}]
-    if args.image_position == "first":
-        parts.reverse()
+    if args.image_position is not None:
+        processor.image_position = args.image_position
     inputs = processor.apply_chat_template(
-        [[{"role": "user", "content": parts}]],
+        [[{"role": "user", "content": processor.user_content(args.prompt, image)}]],
         add_generation_prompt=True,
         tokenize=True,
         return_dict=True,

@@ -88,7 +88,13 @@ def build_demo(recipe: DemoRecipe, seed: int = 0):
     set_seed(seed)
     model = PerceptionGPTForConditionalGeneration(config)
     vision = config.vision_config
-    processor = build_processor(vision.image_size, vision.patch_size, config.mask_head_config.mask_size, tokenizer)
+    processor = build_processor(
+        vision.image_size,
+        vision.patch_size,
+        config.mask_head_config.mask_size,
+        tokenizer,
+        image_position=recipe.image_position,
+    )
     return model, processor, train, test
 
 
@@ -108,7 +114,7 @@ def run_demo(output_dir, steps: int | None = None, seed: int = 0, recipe: DemoRe
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(recipe.threads)
     model, processor, train, test = build_demo(recipe, seed)
-    collator = DataCollatorForPerceptionGPT(processor, image_position=recipe.image_position)
+    collator = DataCollatorForPerceptionGPT(processor)  # the prompt layout is the processor's
     # chat templating is slow next to a tiny model's step: encode the training set once, outside the timed part
     encoded = [collator.encode(row, index) for index, row in enumerate(tqdm(train, desc="encode"))]
     trainer = PerceptionGPTTrainer(
@@ -117,7 +123,6 @@ def run_demo(output_dir, steps: int | None = None, seed: int = 0, recipe: DemoRe
         train_dataset=encoded,
         data_collator=collator,
         processing_class=processor,
-        eval_image_position=recipe.image_position,
     )
     start = time.perf_counter()
     trainer.train()
@@ -126,7 +131,7 @@ def run_demo(output_dir, steps: int | None = None, seed: int = 0, recipe: DemoRe
     model.eval()
     rec_rows, res_rows = _held_out(test, "rec", recipe.eval_size), _held_out(test, "res", recipe.eval_size)
     start = time.perf_counter()
-    kwargs = dict(batch_size=32, max_new_tokens=8, image_position=recipe.image_position, progress=True)
+    kwargs = dict(batch_size=32, max_new_tokens=8, progress=True)
     result = evaluate_grounding(model, processor, rec_rows + res_rows, **kwargs)
     blind = evaluate_grounding(model, processor, shuffle_expressions(rec_rows, seed), **kwargs)
     eval_seconds = time.perf_counter() - start

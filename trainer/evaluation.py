@@ -59,14 +59,15 @@ def evaluate_grounding(
     rows,
     batch_size: int = 8,
     max_new_tokens: int = 16,
-    image_position: str = "first",
+    image_position: str | None = None,
     progress: bool = False,
     coordinate_format: str = "vis",
 ) -> GroundingEvaluation:
     """Generate on `rows` (DESIGN.md's schema; tasks "rec" and "res" are scored) and compute the metrics.
 
     With `coordinate_format="text"` (the text-coordinate baseline) boxes are parsed from the generated text, an
-    unparseable answer counts as wrong, and only REC is scored (text carries no mask).
+    unparseable answer counts as wrong, and only REC is scored (text carries no mask). `image_position` None takes
+    the processor's prompt layout.
     """
     if coordinate_format not in COORDINATE_FORMATS:
         raise ValueError(f"`coordinate_format` must be one of {COORDINATE_FORMATS}, got {coordinate_format!r}.")

@@ -24,13 +24,13 @@ class PerceptionGPTTrainer(Trainer):
 
     Args (beyond `Trainer`'s):
         eval_max_new_tokens: generation budget per evaluation sample.
-        eval_image_position: where the evaluation prompts put the image ("first" or "after_text"); use the
-            collator's setting.
+        eval_image_position: where the evaluation prompts put the image ("first" or "after_text"); None (default)
+            takes the processor's (`processing_class`) layout, which is also the collator's default.
     `evaluate()` runs generate() on `eval_dataset` rows (DESIGN.md's schema) and reports `rec_acc@0.5`,
     `rec_miou`, `res_ciou` and `res_giou`.
     """
 
-    def __init__(self, *args, eval_max_new_tokens: int = 16, eval_image_position: str = "first", **kwargs):
+    def __init__(self, *args, eval_max_new_tokens: int = 16, eval_image_position: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_max_new_tokens = eval_max_new_tokens
         self.eval_image_position = eval_image_position
