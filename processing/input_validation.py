@@ -83,6 +83,17 @@ def validated_mask(mask, image_size: tuple[int, int], name: str) -> np.ndarray:
     return mask.astype(bool)
 
 
+def is_no_region(box) -> bool:
+    """True for None and for the all-NaN box, the explicit "this `<vis>` has no region"."""
+    if box is None:
+        return True
+    try:
+        values = np.asarray(box.cpu() if isinstance(box, torch.Tensor) else box, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False  # not numbers: `validated_box` names the problem
+    return values.shape == (4,) and bool(np.isnan(values).all())
+
+
 def validated_box(box, image_size: tuple[int, int], name: str) -> np.ndarray:
     try:
         box = np.asarray(box.cpu() if isinstance(box, torch.Tensor) else box, dtype=np.float64)

@@ -15,7 +15,15 @@ import torch
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava.processing_llava import LlavaProcessor
 
-from .input_validation import flatten_images, per_sample, slot_list, to_rgb_image, validated_box, validated_mask
+from .input_validation import (
+    flatten_images,
+    is_no_region,
+    per_sample,
+    slot_list,
+    to_rgb_image,
+    validated_box,
+    validated_mask,
+)
 from .region_geometry import (
     boxes_xyxy_from_masks,
     boxes_xyxy_normalized_to_pixel,
@@ -108,9 +116,11 @@ class PerceptionGPTProcessor(LlavaProcessor):
         Args:
             images: one image per `<image>` in `text`, flat or nested per sample (PIL or numpy; any mode, made RGB).
             text (`str` or `list[str]`): prompts; the k-th `<vis>` of a sample is its k-th slot.
-            boxes: per sample, None or one entry per `<vis>`: pixel xyxy on the original image, or None.
+            boxes: per sample, None or one entry per `<vis>`: pixel xyxy on the original image, None (its mask
+                gives the region), or [nan, nan, nan, nan] for a `<vis>` with no region (the bare `<vis>` embedding).
             masks: per sample, None or one entry per `<vis>`: an (H, W) bool array on the original image, or None.
-                A slot with a mask but no box takes the mask's bounding box.
+                A slot with a mask but no box takes the mask's bounding box. Every `<vis>` needs a box or a mask
+                (or the NaN box): a missing one raises.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values` (when images are given) and, when text is
@@ -159,7 +169,22 @@ class PerceptionGPTProcessor(LlavaProcessor):
         vis_masks = np.zeros((batch_size, slots, self.mask_size or 0, self.mask_size or 0), dtype=bool)
         vis_mask_valid = np.zeros((batch_size, slots), dtype=bool)
         for sample in range(batch_size):
-            if box_lists[sample] is None and mask_lists[sample] is None:
+            if vis_counts[sample] == 0 and box_lists[sample] is None and mask_lists[sample] is None:
+                continue
+            sample_boxes = slot_list(box_lists[sample], vis_counts[sample], f"boxes[{sample}]")
+            sample_masks = slot_list(mask_lists[sample], vis_counts[sample], f"masks[{sample}]")
+            missing = [
+                slot
+                for slot, (box, mask) in enumerate(zip(sample_boxes, sample_masks))
+                if box is None and mask is None
+            ]
+            if missing:  # a bare `<vis>` embedding would silently stand for a region the model never sees
+                raise ValueError(
+                    f"`text[{sample}]` has {vis_counts[sample]} `<vis>` tokens but "
+                    f"{vis_counts[sample] - len(missing)} regions (none for slots {missing}): give every `<vis>` its "
+                    "box or mask in `boxes`/`masks`, or the box [nan, nan, nan, nan] to say it has no region."
+                )
+            if all(is_no_region(box) and mask is None for box, mask in zip(sample_boxes, sample_masks)):
                 continue
             if image_counts[sample] != 1:
                 raise ValueError(
@@ -169,8 +194,6 @@ class PerceptionGPTProcessor(LlavaProcessor):
             image = images[starts[sample]]
             image_size = (image.height, image.width)
             geometry = self.image_geometry(image_size)
-            sample_boxes = slot_list(box_lists[sample], vis_counts[sample], f"boxes[{sample}]")
-            sample_masks = slot_list(mask_lists[sample], vis_counts[sample], f"masks[{sample}]")
             for slot, (box, mask) in enumerate(zip(sample_boxes, sample_masks)):
                 name = f"[{sample}][{slot}]"
                 if mask is not None:
@@ -181,7 +204,7 @@ class PerceptionGPTProcessor(LlavaProcessor):
                         box = boxes_xyxy_from_masks(mask[None])[0]
                         if np.isnan(box).any():
                             raise ValueError(f"`masks{name}` is empty and `boxes{name}` is None: no region given.")
-                if box is None:
+                if is_no_region(box):
                     continue
                 box = validated_box(box, image_size, f"boxes{name}")
                 normalized = boxes_xyxy_pixel_to_normalized(torch.from_numpy(box)[None], geometry)[0].numpy()

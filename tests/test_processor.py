@@ -24,6 +24,7 @@ TOKENIZER = build_tokenizer("char")
 # 16 px frame, patch 4, CLS added then dropped -> 16 `<image>` tokens; 8x8 masks.
 PROCESSORS = {mode: build_processor(16, 4, 8, TOKENIZER, resize_mode=mode) for mode in RESIZE_MODES}
 SIZES = {"square": (48, 48), "wide": (30, 80), "tall": (80, 30)}  # (H, W)
+NO_REGION = [float("nan")] * 4  # the explicit "this `<vis>` has no region"
 
 
 def _image(height, width, value=0):
@@ -226,6 +227,30 @@ def test_invalid_regions_raise_clear_errors(kwargs, error, message):
         PROCESSORS["pad"](images=[_image(16, 32)], text=[_prompt(1)], return_tensors="pt", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "boxes, masks",
+    [
+        (None, None),
+        ([None], None),
+        ([[None, [0, 0, 4, 4]]], None),
+        ([[None, None]], [[None, np.ones((16, 32), bool)]]),
+    ],
+    ids=["no-boxes", "sample-none", "slot-none", "slot-without-box-or-mask"],
+)
+def test_a_prompt_vis_without_its_region_raises_with_both_counts(boxes, masks):
+    with pytest.raises(ValueError, match=r"`text\[0\]` has 2 `<vis>` tokens but (0|1) regions \(none for slots \[0"):
+        PROCESSORS["pad"](images=[_image(16, 32)], text=[_prompt(2)], boxes=boxes, masks=masks, return_tensors="pt")
+
+
+def test_a_nan_box_says_no_region_and_needs_no_image():
+    out = PROCESSORS["pad"](images=[_image(16, 32)], text=[_prompt(2)], boxes=[[NO_REGION, [0, 0, 16, 16]]])
+    assert np.isnan(out["vis_boxes"][0, 0]).all() and np.isfinite(out["vis_boxes"][0, 1]).all()
+    text_only = PROCESSORS["pad"](text=["USER: <vis> ASSISTANT:"], boxes=[[NO_REGION]], return_tensors="pt")
+    assert text_only["vis_boxes"].isnan().all() and "pixel_values" not in text_only
+    with pytest.raises(ValueError, match=r"`boxes\[0\]\[0\]` must be finite"):  # half NaN is a broken box
+        PROCESSORS["pad"](images=[_image(16, 32)], text=[_prompt(1)], boxes=[[[float("nan")] * 2 + [4, 4]]])
+
+
 def test_invalid_texts_and_images_raise_clear_errors():
     processor = PROCESSORS["pad"]
     with pytest.raises(ValueError, match="`text\\[1\\]` must be non-empty"):
@@ -272,7 +297,8 @@ def test_boxes_partly_outside_are_clipped_with_a_warning():
 def test_image_modes_are_converted_to_rgb(image):
     processor = PROCESSORS["resize"]
     out = processor(images=[image], text=[_prompt(1)], boxes=[[[0, 0, 10, 5]]], return_tensors="pt")
-    white = processor(images=[_image(10, 20, 255)], text=[_prompt(1)], return_tensors="pt")["pixel_values"]
+    white = processor(images=[_image(10, 20, 255)], text=[_prompt(1)], boxes=[[NO_REGION]], return_tensors="pt")
+    white = white["pixel_values"]
     expected = white if not isinstance(image, Image.Image) or image.mode not in ("P",) else out["pixel_values"]
     torch.testing.assert_close(out["pixel_values"], expected)
     torch.testing.assert_close(out["vis_boxes"][0, 0], torch.tensor([0.0, 0.0, 0.5, 0.5]))
@@ -299,7 +325,7 @@ def test_save_load_round_trip(tmp_path):
     loaded = PerceptionGPTProcessor.from_pretrained(tmp_path)
     assert (loaded.mask_size, loaded.vis_token_id, loaded.resize_mode) == (8, 5, "center_crop")
     assert loaded.chat_template == processor.chat_template
-    inputs = {"images": [_image(30, 50, 90)], "text": [_prompt(2)], "boxes": [[[12, 5, 36, 25], None]]}
+    inputs = {"images": [_image(30, 50, 90)], "text": [_prompt(2)], "boxes": [[[12, 5, 36, 25], NO_REGION]]}
     expected, actual = processor(**inputs, return_tensors="pt"), loaded(**inputs, return_tensors="pt")
     assert expected.keys() == actual.keys()
     for key in expected:

@@ -76,10 +76,9 @@ def test_invalid_arguments_raise():
 def _generated_tokens(processor, answer):
     """Tokens the model generates for an assistant `answer`, EOS not counted: full turn minus the prompt."""
     messages = [{"role": "user", "content": "Where is the small red circle?"}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    turn = processor.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True)
-    prompt, turn = (ids["input_ids"] if isinstance(ids, dict) else ids for ids in (prompt, turn))
-    prompt, turn = (ids[0] if ids and isinstance(ids[0], list) else ids for ids in (prompt, turn))
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    turn = processor.apply_chat_template(messages + [{"role": "assistant", "content": answer}])
+    prompt, turn = (processor.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompt, turn))
     assert turn[: len(prompt)] == prompt and turn[-1] == processor.tokenizer.eos_token_id
     return turn[len(prompt) : -1]
 
