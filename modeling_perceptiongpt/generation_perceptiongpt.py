@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationMixin, LogitsProcessorList, SuppressTokensLogitsProcessor
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-from .region_inputs import image_index_per_row
+from .region_inputs import last_image_index_per_row
 
 
 @dataclass
@@ -51,8 +51,8 @@ class PerceptionGenerationState:
         self.pending = {}  # (sample, prefix bytes) -> (hidden (D,), P(<vis>)) from the latest forward
         self.records = {}  # (sample, prefix incl. <vis> bytes) -> (box (4,), mask (S, S) or None, score)
         self.mask_features = None  # (N_img, g*g, C) fused patches, unexpanded
-        self.sample_image = None  # (B,) image index of each sample, -1 without one
-        self.image_states = None  # (B, g*g, D) LLM states at each sample's first image, for boxes that read them
+        self.sample_image = None  # (B,) index of each sample's last image (that of its generated `<vis>`), or -1
+        self.image_states = None  # (B, g*g, D) LLM states at each sample's last image, for boxes that read them
 
     def sample_of(self, row: int, num_rows: int) -> int:
         return row // max(num_rows // self.batch_size, 1)
@@ -165,15 +165,17 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             return
         state.mask_features = image.mask_features
         per_sample = input_ids[:: max(input_ids.shape[0] // state.batch_size, 1)]  # one row per sample
-        state.sample_image = image_index_per_row(per_sample, self.config.image_token_id, self.config.num_image_tokens)
+        state.sample_image = last_image_index_per_row(
+            per_sample, self.config.image_token_id, self.config.num_image_tokens
+        )
 
     def _capture_image_states(self, state, image_token_states):
-        """From the first forward (the whole prompt): each sample's first image's states, from its first row."""
+        """From the first forward (the whole prompt): each sample's last image's states, from its first row."""
         step = max(state.last_inputs.shape[0] // state.batch_size, 1)
-        first = image_index_per_row(state.last_inputs, self.config.image_token_id, self.config.num_image_tokens)
-        first = first[::step]  # (B,) into the forward's images, -1 without one
-        has = first >= 0  # (B,)
-        state.image_states = image_token_states[first.clamp(min=0)] * has[:, None, None].to(image_token_states)
+        ids, tokens = self.config.image_token_id, self.config.num_image_tokens
+        last = last_image_index_per_row(state.last_inputs, ids, tokens)[::step]  # (B,) forward's images, or -1
+        has = last >= 0  # (B,)
+        state.image_states = image_token_states[last.clamp(min=0)] * has[:, None, None].to(image_token_states)
 
     def _decode_new_vis(self, state, input_ids):
         """Decodes every row whose newest token is `<vis>`, from the state that predicted it."""

@@ -11,14 +11,16 @@ def vis_slot_index(input_ids: torch.Tensor, vis_token_id: int) -> torch.Tensor:
     return (input_ids == vis_token_id).long().cumsum(-1) - 1
 
 
-def image_index_per_row(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
-    """(B, T) -> (B,): index into the batch's images of each row's first image, -1 for rows without one.
+def last_image_index_per_row(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
+    """(B, T) -> (B,): index into the batch's images of each row's LAST image, -1 for rows without one.
 
-    Images are numbered in row order, as LLaVA scatters them into the `<image>` placeholders.
+    Images are numbered in row order, as LLaVA scatters them into the `<image>` placeholders. This is the image of
+    every `<vis>` generated after the row (the latest image at or before it: the rule `image_index_per_token`
+    applies in training), since an `<image>` is never generated.
     """
     images_per_row = (input_ids == image_token_id).sum(-1) // tokens_per_image  # (B,)
-    first = images_per_row.cumsum(0) - images_per_row  # (B,)
-    return torch.where(images_per_row > 0, first, torch.full_like(first, -1))
+    last = images_per_row.cumsum(0) - 1  # (B,)
+    return torch.where(images_per_row > 0, last, torch.full_like(last, -1))
 
 
 def image_index_per_token(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
@@ -26,7 +28,7 @@ def image_index_per_token(input_ids: torch.Tensor, image_token_id: int, tokens_p
     row (the row's first image before any), -1 for rows without one.
 
     In a packed row (several samples, each with its image before its `<vis>`) each `<vis>` thus gets its own
-    sample's image; in a one-image row every position gets that image, as `image_index_per_row`.
+    sample's image; in a one-image row every position gets that image.
     """
     is_image = (input_ids == image_token_id).long()  # (B, T)
     images_per_row = is_image.sum(-1) // tokens_per_image  # (B,)
@@ -116,4 +118,4 @@ def _check_slot_counts(config, input_ids, given, name) -> None:
         )
 
 
-__all__ = ["check_region_inputs", "image_index_per_row", "image_index_per_token", "vis_slot_index", "vis_targets"]
+__all__ = ["check_region_inputs", "image_index_per_token", "last_image_index_per_row", "vis_slot_index", "vis_targets"]
