@@ -80,6 +80,9 @@ class FolderHubApi(HfApi):
         if not ref.exists():
             ref.write_text(self._head(repo_id, revision or "main") or "")
 
+    def _validate_yaml(self, content, *, repo_type=None, token=None):
+        ModelCard(content)  # the server's check of the README metadata, done here: the YAML must parse
+
     def list_repo_files(self, repo_id, *, revision=None, repo_type=None, token=None):
         return sorted(self._files(repo_id, self._head(repo_id, revision or "main")))
 
@@ -140,6 +143,8 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.utils.hub, "_hf_api", api)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(api.root))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # the folder has no Xet storage: `upload_folder` takes its single-commit path (the one without hf_xet installed)
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
     return api
 
 

@@ -5,7 +5,6 @@ deletes stale weight files from the repository in the same commit, and `load_ada
 weights unless the caller opts in. (Full models refuse them in `PerceptionGPTPreTrainedModel.from_pretrained`.)
 """
 
-import fnmatch
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, hf_hub_download
+from huggingface_hub import CommitInfo, HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import Trainer
 
@@ -179,7 +178,8 @@ def push_to_hub(
     api: HfApi | None = None,
     card=None,
 ) -> CommitInfo:
-    """Upload a PerceptionGPT model (or a PEFT adapter), its processor, its remote code and its card in one commit.
+    """Upload a PerceptionGPT model (or a PEFT adapter), its processor, its remote code and its card with
+    `HfApi.upload_folder`: one commit (with `hf_xet`, huggingface_hub may split a very large folder into several).
 
     Args:
         trainer_or_dir: a `Trainer` (its `model`, PEFT-wrapped or not, and `processing_class` are saved), or a folder
@@ -187,7 +187,7 @@ def push_to_hub(
         repo_id: the model repository, created if missing ("org/name").
         revision: the branch to commit to, created from `main` if missing; None commits to `main`.
         private: visibility of a repository created here.
-        commit_message, token: as in `HfApi.create_commit`.
+        commit_message, token: as in `HfApi.upload_folder`.
         api: the `HfApi` to use (a default one when None).
         card: the README. None: the folder's README.md, pointed at `repo_id` and the branch if it was written by
             `perceptiongpt.hub_cards`, else a card from what the Trainer recorded (metrics of its last evaluation,
@@ -225,16 +225,15 @@ def push_to_hub(
         readme.save(str(folder / "README.md"))
         if branch != "main":
             api.create_branch(repo_id, branch=branch, token=token, exist_ok=True)
-        uploads = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        # weights of an earlier upload that this one does not overwrite (old shards, pickles) go in the same commit
-        stale = [
-            path
-            for path in api.list_repo_files(repo_id, revision=branch, token=token)
-            if path not in uploads and any(fnmatch.fnmatch(path, pattern) for pattern in WEIGHT_PATTERNS)
-        ]
-        operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
-        operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path in uploads]
-        return api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=branch)
+        # weights of an earlier upload that this one does not overwrite (old shards, pickles) are deleted with it
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            token=token,
+            revision=branch,
+            delete_patterns=list(WEIGHT_PATTERNS),
+        )
 
 
 def load_adapter(base_model, adapter_id, revision: str | None = None, use_safetensors: bool = True, **kwargs):
