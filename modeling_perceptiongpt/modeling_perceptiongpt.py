@@ -21,6 +21,7 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.versions import require_version
 
 from .box_decoders_perceptiongpt import build_box_decoder
 from .configuration_perceptiongpt import PerceptionGPTConfig
@@ -36,6 +37,11 @@ from .losses_perceptiongpt import (
 )
 from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
 from .region_inputs import check_region_inputs, image_index_per_token, vis_slot_index, vis_targets
+
+
+# This file also runs as remote code (`trust_remote_code=True`), where setup.py's pin does not apply: the generate
+# hooks and the LLaVA internals it subclasses are those of transformers 5.24 and later 5.x.
+require_version("transformers>=5.24,<6", "PerceptionGPT's modeling code: pip install 'transformers>=5.24,<6'")
 
 
 @dataclass

@@ -109,3 +109,30 @@ def test_in_package_auto_classes(tiny_model, tmp_path):
     assert type(AutoConfig.from_pretrained(tmp_path)) is perceptiongpt.PerceptionGPTConfig
     model = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert type(model) is perceptiongpt.PerceptionGPTForConditionalGeneration
+
+
+def test_remote_code_refuses_an_unsupported_transformers_version(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "model")
+    script = BLOCK_PACKAGE + textwrap.dedent(
+        """
+        import importlib.metadata
+        real = importlib.metadata.version
+        importlib.metadata.version = lambda name: "4.57.1" if name == "transformers" else real(name)
+        from transformers import AutoModelForImageTextToText
+        try:
+            AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)
+        except ImportError as error:
+            print("REFUSED", error)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model")],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED" in result.stdout and "transformers>=5.24,<6 is required" in result.stdout, result.stdout
+    assert "transformers==4.57.1" in result.stdout

@@ -112,7 +112,8 @@ def test_lora_recipe_trains_only_lora_heads_and_vis_rows(setup, rows, tmp_path):
     config = lora_config(model, preset="paper")
     assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 64, 0.1)
     counts = count_parameters(peft_model)
-    assert 0 < counts["trainable"] < counts["total"]
+    assert 0 < counts["trainable"] < counts["total"] == sum(p.numel() for p in peft_model.parameters())
+    assert counts["trainable"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_lora_save_reload_and_merge_give_same_boxes(setup, rows, tmp_path):

@@ -1,6 +1,6 @@
 """PEFT recipe: LoRA on the language model; heads and fusion fully trained; the `<vis>` rows trainable."""
 
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 
 
 # Modules trained in full and saved with the adapter (names are suffix-matched by PEFT).
@@ -51,9 +51,12 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
 
 
 def count_parameters(model) -> dict:
-    """Trainable and total parameter counts (works on the meta device)."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable and total parameter counts, from PEFT's counter for a `PeftModel` (4-bit weights counted as PEFT does)
+    and `PreTrainedModel.num_parameters` otherwise; both work on the meta device."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
 
 
