@@ -23,7 +23,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.versions import require_version
 
-from .box_decoders_perceptiongpt import build_box_decoder
+from .box_decoders_perceptiongpt import BOX_DECODERS, build_box_decoder
 from .configuration_perceptiongpt import PerceptionGPTConfig
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
 from .heads_perceptiongpt import BoxEncoder, LayerFusion, MaskEncoder
@@ -38,6 +38,8 @@ from .losses_perceptiongpt import (
 from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
 from .region_inputs import check_region_inputs, image_index_per_token, vis_slot_index, vis_targets
 
+
+BOX_DECODER_CLASS_NAMES = sorted({decoder.__name__ for decoder in BOX_DECODERS.values()})
 
 # This file also runs as remote code (`trust_remote_code=True`), where setup.py's pin does not apply: the generate
 # hooks and the LLaVA internals it subclasses are those of transformers 5.24 and later 5.x.
@@ -89,6 +91,11 @@ def preferred_attn_implementation(dtype=None) -> str:
 class PerceptionGPTPreTrainedModel(LlavaPreTrainedModel):
     config: PerceptionGPTConfig
     config_class = PerceptionGPTConfig
+    # with `device_map`, every head stays whole on one device (the decoder and ViT layers come from the sub-models)
+    _no_split_modules = ["BoxEncoder", "MaskEncoder", "MaskDecoder", "LayerFusion", *BOX_DECODER_CLASS_NAMES]
+    # boxes are regressed to ~1e-3 of the image: bf16's 8-bit mantissa would cost pixels, so the box decoder loads
+    # in fp32 whatever the dtype (`decode_regions` casts its inputs)
+    _keep_in_fp32_modules_strict = ["box_decoder"]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -260,7 +267,13 @@ class PerceptionGPTForConditionalGeneration(
         decode = has_image if self.box_decoder.needs_masks else want_masks  # (N,)
         masks = self.mask_decoder(hidden[decode], image_features[decode]) if decode.any() else None
         patches = image_states if self.box_decoder.reads_llm_image_states else image_features
-        box = self.box_decoder(hidden, patches, has_image, masks)
+        dtype = next(self.box_decoder.parameters()).dtype  # fp32 under a bf16 model (`_keep_in_fp32_modules`)
+        box = self.box_decoder(
+            hidden.to(dtype),
+            None if patches is None else patches.to(dtype),
+            has_image,
+            None if masks is None else masks.to(dtype),
+        )
         if masks is not None and self.box_decoder.needs_masks:
             masks = masks[want_masks[has_image]] if want_masks.any() else None
         return box, masks

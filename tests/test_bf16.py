@@ -67,9 +67,12 @@ def test_bf16_loaded_model_trains_and_matches_fp32(saved, batch):
     reference_model = PerceptionGPTForConditionalGeneration.from_pretrained(saved)
     reference, _ = _step(reference_model, batch)
     model = PerceptionGPTForConditionalGeneration.from_pretrained(saved, dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    # the box decoder stays fp32 (`_keep_in_fp32_modules_strict`): bf16 would round boxes to ~0.4% of the image
+    assert {d for name, d in dtypes.items() if name.startswith("box_decoder.")} == {torch.float32}
+    assert {d for name, d in dtypes.items() if not name.startswith("box_decoder.")} == {torch.bfloat16}
     out, finite_grads = _step(model, batch)
-    assert out.logits.dtype == torch.bfloat16 and finite_grads
+    assert out.logits.dtype == torch.bfloat16 and out.pred_boxes.dtype == torch.float32 and finite_grads
     for name in LOSSES:
         value = getattr(out, name)
         assert torch.isfinite(value) and _close(value, getattr(reference, name)), name
