@@ -267,7 +267,8 @@ class PerceptionGPTForConditionalGeneration(
         decode = has_image if self.box_decoder.needs_masks else want_masks  # (N,)
         masks = self.mask_decoder(hidden[decode], image_features[decode]) if decode.any() else None
         patches = image_states if self.box_decoder.reads_llm_image_states else image_features
-        dtype = next(self.box_decoder.parameters()).dtype  # fp32 under a bf16 model (`_keep_in_fp32_modules`)
+        weight = next(self.box_decoder.parameters(), None)  # the "mask" design has none
+        dtype = hidden.dtype if weight is None else weight.dtype  # fp32 under a bf16 model (`_keep_in_fp32_modules`)
         box = self.box_decoder(
             hidden.to(dtype),
             None if patches is None else patches.to(dtype),
