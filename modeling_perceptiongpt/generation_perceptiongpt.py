@@ -62,6 +62,18 @@ class PerceptionGenerationState:
         return sample, prefix.cpu().numpy().tobytes()
 
 
+def _prompt_shape(input_ids, kwargs) -> tuple[int, int]:
+    """(batch size, prompt tokens at the start of the returned sequences), as `generate` will build its inputs:
+    `input_ids` are kept; a prompt given as `inputs_embeds` alone is not returned (0); without either, generation
+    starts from one BOS token per sample, batched like the other tensor inputs."""
+    if input_ids is not None:
+        return input_ids.shape[0], input_ids.shape[1]
+    if kwargs.get("inputs_embeds") is not None:
+        return kwargs["inputs_embeds"].shape[0], 0
+    tensors = [value for value in kwargs.values() if isinstance(value, torch.Tensor)]
+    return (tensors[0].shape[0] if tensors else 1), 1
+
+
 _UNSUPPORTED = {
     "assistant_model": "assisted decoding",
     "prompt_lookup_num_tokens": "prompt-lookup (speculative) decoding",
@@ -90,12 +102,16 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
                 "continuous batching cannot feed decoded boxes back."
             )
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("PerceptionGPT generate() needs `input_ids` to find the `<vis>` tokens, got None.")
-        state = PerceptionGenerationState(input_ids.shape[0], input_ids.shape[1], kwargs.get("vis_boxes"))
+        if input_ids is None and any(kwargs.get(name) is not None for name in ("vis_boxes", "vis_masks")):
+            raise ValueError(
+                "`vis_boxes`/`vis_masks` need the prompt's `input_ids` to find their `<vis>` tokens; got only "
+                "`inputs_embeds`. Pass `input_ids` (with or without `inputs_embeds`)."
+            )
+        batch_size, prompt_length = _prompt_shape(input_ids, kwargs)
+        state = PerceptionGenerationState(batch_size, prompt_length, kwargs.get("vis_boxes"))
         processors = LogitsProcessorList(logits_processor or [])
         # never sample `<image>`: LLaVA finds image placeholders by embedding, so a sampled one corrupts later passes
-        processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=input_ids.device))
+        processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
         out = super().generate(
             inputs=inputs,
             generation_config=generation_config,
@@ -116,6 +132,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids,
+        inputs_embeds=None,
         is_first_iteration=False,
         perception_state=None,
         vis_boxes=None,
@@ -124,7 +141,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         **kwargs,
     ):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, is_first_iteration=is_first_iteration, **kwargs
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         state = perception_state
         use_cache = kwargs.get("use_cache", True)
@@ -136,6 +153,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         else:
             self._decode_new_vis(state, input_ids)
         state.last_inputs = input_ids
+        if model_inputs.get("input_ids") is None:  # a prompt given as `inputs_embeds` alone: no `<vis>` to find
+            return model_inputs
         if is_first_iteration or not use_cache:
             # the whole sequence is fed: prompt regions plus every generated box so far
             model_inputs.update(vis_masks=vis_masks, vis_mask_valid=vis_mask_valid)

@@ -256,3 +256,24 @@ def test_identical_prompts_with_different_images_get_their_own_masks(tiny_model)
     assert n >= 1 and not torch.allclose(out.pred_masks[0][:n], out.pred_masks[1][:n])
     err, _, mask_err = _teacher_forced(tiny_model, out, ids, attention, pixels, boxes)
     assert err < 1e-6 and mask_err < 1e-5
+
+
+def test_generate_from_inputs_embeds_alone_equals_input_ids(tiny_model):
+    ids, _ = make_batch(2, 12, vis_at=((), ()), image=False)
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    reference = tiny_model.generate(input_ids=ids, **kwargs)
+    out = tiny_model.generate(inputs_embeds=tiny_model.get_input_embeddings()(ids), **kwargs)
+    assert out.prompt_length == 0 and torch.equal(out.sequences, reference.sequences[:, ids.shape[1] :])
+    assert sum(len(boxes) for boxes in out.pred_boxes) >= 1
+    for found, expected in zip(out.pred_boxes, reference.pred_boxes):
+        torch.testing.assert_close(found, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="`vis_boxes`/`vis_masks` need the prompt's `input_ids`"):
+        tiny_model.generate(inputs_embeds=tiny_model.get_input_embeddings()(ids), vis_boxes=torch.zeros(2, 1, 4))
+
+
+def test_generate_without_inputs_starts_from_bos(tiny_model):
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    out = tiny_model.generate(**kwargs)
+    reference = tiny_model.generate(input_ids=torch.tensor([[tiny_model.generation_config.bos_token_id]]), **kwargs)
+    assert out.prompt_length == 1 and torch.equal(out.sequences, reference.sequences)
+    assert len(out.pred_boxes[0]) >= 1 and torch.equal(out.pred_boxes[0], reference.pred_boxes[0])
