@@ -18,7 +18,7 @@ from transformers.models.llava.modeling_llava import (
     LlavaModel,
     LlavaPreTrainedModel,
 )
-from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available, is_torchdynamo_compiling
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.versions import require_version
@@ -36,7 +36,13 @@ from .losses_perceptiongpt import (
     mask_dice_loss_sum,
 )
 from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
-from .region_inputs import check_region_inputs, image_index_per_token, vis_slot_index, vis_targets
+from .region_inputs import (
+    check_region_inputs,
+    embed_boxes_branch_free,
+    image_index_per_token,
+    vis_slot_index,
+    vis_targets,
+)
 
 
 BOX_DECODER_CLASS_NAMES = sorted({decoder.__name__ for decoder in BOX_DECODERS.values()})
@@ -179,6 +185,13 @@ class PerceptionGPTModel(PerceptionGPTPreTrainedModel, LlavaModel):
     def embed_regions(self, input_ids, inputs_embeds, vis_boxes, vis_masks, vis_mask_valid, vis_is_target):
         """Writes each `<vis>` slot's region into its input embedding: a prompt mask through the mask encoder, else a
         finite box through the box encoder; NaN slots keep the plain `<vis>` embedding."""
+        if is_torchdynamo_compiling():  # the traced generate step: boxes only, no data-dependent shapes
+            if vis_masks is not None:
+                raise ValueError("`vis_masks` are not supported under torch.compile; give prompt masks eagerly.")
+            mode = self.config.region_embedding_mode
+            return embed_boxes_branch_free(
+                self.box_encoder, input_ids, inputs_embeds, vis_boxes, self.config.vis_token_id, mode
+            )
         vis = input_ids == self.config.vis_token_id  # (B, T)
         if not vis.any():
             return inputs_embeds
@@ -282,8 +295,8 @@ class PerceptionGPTForConditionalGeneration(
     def image_token_states(self, input_ids, hidden):
         """(B, T) ids, (B, T, D) final states -> (N_img, g*g, D) at each image's patch tokens, in image order (as
         LLaVA scatters images), or None when the box decoder does not read them or there is no image."""
-        if not self.box_decoder.reads_llm_image_states or input_ids is None:
-            return None
+        if not self.box_decoder.reads_llm_image_states or input_ids is None or is_torchdynamo_compiling():
+            return None  # compiled: only decode steps, whose states generate() reads from the eager prefill
         is_image = input_ids == self.config.image_token_id  # (B, T)
         if not is_image.any():
             return None
@@ -318,7 +331,8 @@ class PerceptionGPTForConditionalGeneration(
         mask losses are sums over local targets divided by them, so batch splits give the same gradients. Default:
         the local counts.
         """
-        check_region_inputs(self.config, input_ids, vis_boxes, vis_masks, vis_mask_valid)
+        if not is_torchdynamo_compiling():  # its checks branch on data; a traced step gets generate()'s own boxes
+            check_region_inputs(self.config, input_ids, vis_boxes, vis_masks, vis_mask_valid)
         vis_is_target = None
         if labels is not None:
             vis_is_target = labels == self.config.vis_token_id  # (B, T)

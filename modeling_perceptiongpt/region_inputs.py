@@ -38,6 +38,22 @@ def image_index_per_token(input_ids: torch.Tensor, image_token_id: int, tokens_p
     return torch.where(images_per_row[:, None] > 0, index, torch.full_like(index, -1))
 
 
+def embed_boxes_branch_free(box_encoder, input_ids, inputs_embeds, vis_boxes, vis_token_id, mode):
+    """`embed_regions` for boxes without data-dependent shapes or branches, so that `torch.compile(fullgraph=True)`
+    traces it (a generate step feeds at most one `<vis>` per row). Every position is encoded: meant for short inputs.
+
+    input_ids (B, T), inputs_embeds (B, T, D), vis_boxes (B, K, 4) normalized xyxy, NaN = absent -> (B, T, D).
+    """
+    is_vis = input_ids == vis_token_id  # (B, T)
+    slots = vis_slot_index(input_ids, vis_token_id).clamp(0, vis_boxes.shape[1] - 1)  # (B, T)
+    boxes = vis_boxes.to(inputs_embeds.device).gather(1, slots[..., None].expand(-1, -1, 4))  # (B, T, 4)
+    valid = is_vis & torch.isfinite(boxes).all(-1)  # (B, T)
+    region = box_encoder(boxes.nan_to_num(0.0).to(inputs_embeds.dtype)).to(inputs_embeds)  # (B, T, D)
+    if mode == "add":
+        region = region + inputs_embeds
+    return torch.where(valid[..., None], region, inputs_embeds)
+
+
 def vis_targets(config, input_ids, labels, vis_boxes, vis_mask_valid=None):
     """The supervised `<vis>` tokens (labels == `<vis>`, never position 0, which nothing predicts).
 
@@ -118,4 +134,11 @@ def _check_slot_counts(config, input_ids, given, name) -> None:
         )
 
 
-__all__ = ["check_region_inputs", "image_index_per_token", "last_image_index_per_row", "vis_slot_index", "vis_targets"]
+__all__ = [
+    "check_region_inputs",
+    "embed_boxes_branch_free",
+    "image_index_per_token",
+    "last_image_index_per_row",
+    "vis_slot_index",
+    "vis_targets",
+]

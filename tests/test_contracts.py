@@ -114,3 +114,28 @@ def test_post_process_cuts_the_prompt_without_scores(tiny_model):
     default = processor.post_process_generation(out, [(16, 16)], vis_marker="[obj{index}]")[0]
     explicit = processor.post_process_generation(out, [(16, 16)], prompt_length=30, vis_marker="[obj{index}]")[0]
     assert default["text"] == explicit["text"] and len(default["boxes"]) == len(out.pred_boxes[0])
+
+
+@pytest.mark.parametrize("box_head", [{"decoder_type": "mlp"}, {"decoder_type": "query", "query_source": "llm"}])
+def test_fullgraph_claim_holds_for_generate_steps(box_head):
+    """`_can_compile_fullgraph` (inherited from LLaVA) is true: generate's decode steps, `<vis>` feedback included,
+    trace as one graph and give the eager boxes (the prefill, which reads masks and image states, runs eagerly)."""
+    from transformers import CompileConfig
+
+    torch.manual_seed(0)
+    model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny", box_head_config=box_head))
+    model.eval()
+    with torch.no_grad():  # `<vis>` likely enough to be generated and fed back
+        model.lm_head.weight[VIS] = model.model.language_model.norm.weight * 3
+    assert model._can_compile_fullgraph
+    ids, pixels = make_batch(vis_at=((20,), ()))
+    kwargs = dict(input_ids=ids[:, :22], pixel_values=pixels, max_new_tokens=5, do_sample=False)
+    kwargs.update(return_dict_in_generate=True, cache_implementation="static")
+    eager = model.generate(**kwargs)
+    compile_config = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators by default
+    compiled = model.generate(**kwargs, compile_config=compile_config)
+    assert hasattr(model, "_compiled_call")  # the steps really ran compiled (fullgraph: a graph break raises)
+    assert torch.equal(compiled.sequences, eager.sequences) and sum(len(b) for b in compiled.pred_boxes) >= 2
+    for found, expected in zip(compiled.pred_boxes, eager.pred_boxes):
+        torch.testing.assert_close(found, expected, rtol=1e-6, atol=1e-6)
