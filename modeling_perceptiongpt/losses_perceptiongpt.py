@@ -74,7 +74,27 @@ def mask_bce_loss_sum(mask_logits: torch.Tensor, target_masks: torch.Tensor) -> 
     return bce.flatten(1).mean(-1).sum()
 
 
+def box_losses(box, has_box, has_image, gt_boxes, denom) -> dict[str, torch.Tensor]:
+    """The box loss parts of one batch, each a sum over its box targets divided by `denom` (the global count).
+
+    box: the decoder's `BoxPrediction` over N targets; has_box, has_image (N,) bool; gt_boxes (N_box, 4) xyxy.
+    `box_aux_loss` is the design's dense loss: DFL on the bins, or box-interior CE on the query's patch logits.
+    """
+    pred_boxes = box.boxes[has_box]  # (N_box, 4)
+    losses = {
+        "box_l1_loss": box_l1_loss_sum(pred_boxes, gt_boxes) / denom,
+        "box_giou_loss": box_giou_loss_sum(pred_boxes, gt_boxes) / denom,
+    }
+    if box.bin_logits is not None:
+        losses["box_aux_loss"] = box_dfl_loss_sum(box.bin_logits[has_box], gt_boxes) / denom
+    elif box.patch_logits is not None:
+        seen = has_image[has_box]  # (N_box,): only a box with an image has patches to point at
+        losses["box_aux_loss"] = box_interior_loss_sum(box.patch_logits[has_box][seen], gt_boxes[seen]) / denom
+    return losses
+
+
 __all__ = [
+    "box_losses",
     "box_dfl_loss_sum",
     "box_interior_loss_sum",
     "box_l1_loss_sum",

@@ -27,14 +27,7 @@ from .box_decoders_perceptiongpt import BOX_DECODERS, build_box_decoder
 from .configuration_perceptiongpt import PerceptionGPTConfig
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
 from .heads_perceptiongpt import BoxEncoder, LayerFusion, MaskEncoder
-from .losses_perceptiongpt import (
-    box_dfl_loss_sum,
-    box_giou_loss_sum,
-    box_interior_loss_sum,
-    box_l1_loss_sum,
-    mask_bce_loss_sum,
-    mask_dice_loss_sum,
-)
+from .losses_perceptiongpt import box_losses, mask_bce_loss_sum, mask_dice_loss_sum
 from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
 from .region_inputs import (
     check_region_inputs,
@@ -431,23 +424,15 @@ class PerceptionGPTForConditionalGeneration(
             image_states = result.image_token_states[image_idx.clamp(min=0)]  # (N, g*g, D)
         box, pred_masks = self.decode_regions(states, features, has_image, want_masks, image_states)
         gt_boxes = vis_boxes.to(hidden.device)[rows[has_box], slots[has_box]].float()  # (N_box, 4)
-        pred_boxes = box.boxes[has_box]  # (N_box, 4)
         denom = torch.as_tensor(has_box.sum() if num_vis is None else num_vis, device=hidden.device).clamp(min=1)
-        result.box_l1_loss = box_l1_loss_sum(pred_boxes, gt_boxes) / denom
-        result.box_giou_loss = box_giou_loss_sum(pred_boxes, gt_boxes) / denom
-        if box.bin_logits is not None:
-            result.box_aux_loss = box_dfl_loss_sum(box.bin_logits[has_box], gt_boxes) / denom
-        elif box.patch_logits is not None:
-            seen = has_image[has_box]  # (N_box,): only a box with an image has patches to point at
-            interior = box_interior_loss_sum(box.patch_logits[has_box][seen], gt_boxes[seen])
-            result.box_aux_loss = interior / denom
-        result.pred_boxes = pred_boxes
+        for name, value in box_losses(box, has_box, has_image, gt_boxes, denom).items():
+            setattr(result, name, value)
+        result.pred_boxes = box.boxes[has_box]  # (N_box, 4)
         if pred_masks is None:
             return
         gt_masks = vis_masks.to(hidden.device)[rows[want_masks], slots[want_masks]]  # (N_mask, S, S)
-        denom = torch.as_tensor(want_masks.sum() if num_masks is None else num_masks, device=hidden.device).clamp(
-            min=1
-        )
+        count = want_masks.sum() if num_masks is None else num_masks
+        denom = torch.as_tensor(count, device=hidden.device).clamp(min=1)
         result.mask_dice_loss = mask_dice_loss_sum(pred_masks, gt_masks) / denom
         result.mask_bce_loss = mask_bce_loss_sum(pred_masks, gt_masks) / denom
         result.pred_masks = pred_masks
