@@ -277,3 +277,23 @@ def test_generate_without_inputs_starts_from_bos(tiny_model):
     reference = tiny_model.generate(input_ids=torch.tensor([[tiny_model.generation_config.bos_token_id]]), **kwargs)
     assert out.prompt_length == 1 and torch.equal(out.sequences, reference.sequences)
     assert len(out.pred_boxes[0]) >= 1 and torch.equal(out.pred_boxes[0], reference.pred_boxes[0])
+
+
+@pytest.mark.parametrize("prompt_length", [24, 40])
+def test_records_are_keyed_by_the_generated_suffix_and_masks_decoded_once(tiny_model, prompt_length, monkeypatch):
+    ids, pixels = make_batch(2, prompt_length, vis_at=((), ()))
+    seen, calls = [], []
+    original = tiny_model.mask_decoder.forward
+    monkeypatch.setattr(tiny_model.mask_decoder, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    collect = tiny_model._collect_generated_regions
+    monkeypatch.setattr(
+        tiny_model, "_collect_generated_regions", lambda seqs, st: seen.append(st) or collect(seqs, st)
+    )
+    out = _generate(tiny_model, ids, torch.ones_like(ids), pixels, torch.full((2, 1, 4), NAN), num_beams=3)
+    assert len(calls) == 1  # one mask-decoder pass, for the returned rows only
+    records = seen[0].records
+    assert len(records) >= 2 and all(len(key) <= 8 * 8 for _, key in records)  # int64 generated tokens only
+    assert all(record[1].shape == (tiny_model.config.text_config.hidden_size,) for record in records.values())
+    no_boxes = torch.full((2, 1, 4), NAN)
+    err, count, mask_err = _teacher_forced(tiny_model, out, ids, torch.ones_like(ids), pixels, no_boxes)
+    assert count >= 2 and err < 1e-6 and mask_err < 1e-5
