@@ -2,6 +2,7 @@
 
 import torch
 from tokenizers import AddedToken
+from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from .configuration_perceptiongpt import PerceptionGPTConfig
@@ -39,11 +40,12 @@ def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **
         llava = LlavaForConditionalGeneration.from_pretrained(llava_model_or_path)
     vocab_size = llava.get_input_embeddings().weight.shape[0]
     if tokenizer is not None:
+        # rows past the tokenizer are padding (llava-1.5-hf: 32,002 tokens, 32,064 rows): not part of the mean
+        known_rows = min(vocab_size, len(getattr(tokenizer, "tokenizer", tokenizer)))
         vis_token_id = add_vis_token(tokenizer, vis_token)
         new_vocab_size = max(vocab_size, len(getattr(tokenizer, "tokenizer", tokenizer)))
     else:
-        vis_token_id = vocab_size
-        new_vocab_size = vocab_size + 1
+        known_rows, vis_token_id, new_vocab_size = vocab_size, vocab_size, vocab_size + 1
     config_dict = llava.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         config_dict.pop(key, None)
@@ -54,21 +56,54 @@ def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **
     state = llava.state_dict()
     embed_key, head_key = "model.language_model.embed_tokens.weight", "lm_head.weight"
     for key in (embed_key, head_key):
-        if key in state and state[key].shape[0] < new_vocab_size:
+        if key in state:
             old = state[key]
-            extra = old.float().mean(0, keepdim=True).to(old.dtype).expand(new_vocab_size - old.shape[0], -1)
-            state[key] = torch.cat([old, extra])
-    with torch.device(llava.device):
-        model = PerceptionGPTForConditionalGeneration(config).to(llava.dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+            mean = old[:known_rows].float().mean(0, keepdim=True).to(old.dtype)  # (1, D)
+            rows = torch.cat([old, mean.expand(new_vocab_size - old.shape[0], -1)])  # new rows: the mean
+            rows[vis_token_id] = mean[0]  # also when `<vis>` takes a padding row
+            state[key] = rows
+    model = _assign_into_new_model(config, state, llava.device, llava.dtype)
+    model.generation_config = llava.generation_config
+    return model
+
+
+def _materialize_meta_tensors(module, device, dtype) -> None:
+    """Gives `module`'s own meta parameters and buffers storage on `device` (floating ones in `dtype`), leaving its
+    loaded tensors alone."""
+    for store in (module._parameters, module._buffers):
+        for name, tensor in store.items():
+            if tensor is None or not tensor.is_meta:
+                continue
+            empty = torch.empty_like(tensor, device=device, dtype=dtype if tensor.is_floating_point() else None)
+            store[name] = (
+                nn.Parameter(empty, requires_grad=tensor.requires_grad) if store is module._parameters else empty
+            )
+
+
+def _assign_into_new_model(config, state, device, dtype):
+    """A PerceptionGPT built on the meta device around `state`'s tensors (`assign=True`: no second full model in
+    memory, no init of what is loaded); only what `state` lacks (the heads, non-persistent buffers) is materialized
+    on `device` and initialized by `_init_weights`."""
+    with torch.device("meta"):
+        model = PerceptionGPTForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     new_modules = ("box_encoder", "mask_encoder", "feature_fusion", "box_decoder", "mask_decoder")
-    missing = [key for key in missing if not any(name in key for name in new_modules)]
-    if missing or unexpected:
+    wrong = [key for key in missing if not any(name in key for name in new_modules)]
+    if wrong or unexpected:
         raise ValueError(
-            f"`llava_model_or_path` does not match the PerceptionGPT layout: missing {missing[:5]}, "
+            f"`llava_model_or_path` does not match the PerceptionGPT layout: missing {wrong[:5]}, "
             f"unexpected {unexpected[:5]}."
         )
-    model.generation_config = llava.generation_config
+    for module in model.modules():
+        _materialize_meta_tensors(module, device, dtype)
+        module.__dict__.pop("_is_hf_initialized", None)  # set by the meta-device init, which wrote nothing
+    loaded = [model.get_parameter_or_buffer(name) for name in state]
+    for tensor in loaded:  # transformers' init functions skip these: the pretrained tensors stay as they are
+        tensor._is_hf_initialized = True
+    model.initialize_weights()  # each sub-model's own `_init_weights` (CLIP's position ids, the heads, ...)
+    for tensor in loaded:
+        del tensor._is_hf_initialized
+    model.tie_weights()
     return model
 
 

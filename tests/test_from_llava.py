@@ -56,3 +56,43 @@ def test_from_llava_adds_vis_to_tokenizer():
 def test_from_llava_rejects_other_layouts():
     with pytest.raises(ValueError, match="vision_fusion_layers"):
         from_llava(_tiny_llava(), vision_fusion_layers=[9])
+
+
+def test_from_llava_assigns_the_pretrained_tensors_and_initializes_only_the_new_ones():
+    llava = _tiny_llava()
+    model = from_llava(llava)
+    source = llava.state_dict()
+    target = model.state_dict()
+    # built on the meta device and loaded with assign=True: the pretrained tensors are shared, never copied
+    shared = [key for key in source if "embed_tokens" not in key and key != "lm_head.weight"]
+    assert all(target[key].data_ptr() == source[key].data_ptr() for key in shared)
+    assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+    fresh = PerceptionGPTForConditionalGeneration(model.config)
+    for name, buffer in fresh.named_buffers():  # non-persistent buffers are recomputed, not left empty
+        assert torch.equal(dict(model.named_buffers())[name], buffer), name
+    fresh_parameters = dict(fresh.named_parameters())
+    for name, parameter in model.named_parameters():  # the heads get the init scheme of a fresh model
+        if name.startswith(("box_decoder.", "mask_decoder.", "model.box_encoder", "model.mask_encoder")):
+            expected = fresh_parameters[name]
+            assert torch.isfinite(parameter).all() and bool(parameter.any()) == bool(expected.any()), name
+            if parameter.numel() > 64 and expected.std() > 0:
+                assert 0.5 < (parameter.std() / expected.std()).item() < 2, name
+
+
+def test_from_llava_gives_vis_the_mean_row_inside_a_padded_vocabulary():
+    """llava-1.5-hf has 32,002 tokens and 32,064 embedding rows: `<vis>` takes a padding row, which must become the
+    mean of the real tokens' rows, not stay whatever the padding held."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = {word: i for i, word in enumerate(["<unk>", "a", "b", "c", "d", "e", "f", "g", "h", "i"])}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="<unk>")))
+    llava = _tiny_llava()  # 262 rows: 252 of them padding past this 10-token tokenizer
+    with torch.no_grad():
+        llava.get_input_embeddings().weight[10:] = 7.0
+    model = from_llava(llava, tokenizer=tokenizer)
+    vis = model.config.vis_token_id
+    assert vis == 10 and model.config.text_config.vocab_size == 262  # no new row: `<vis>` takes a padding row
+    rows = llava.get_input_embeddings().weight[:10]
+    torch.testing.assert_close(model.get_input_embeddings().weight[vis], rows.mean(0))
