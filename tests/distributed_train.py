@@ -1,9 +1,11 @@
-"""Run by test_distributed.py under `accelerate launch`: 3 steps on the tiny model, losses written by rank 0."""
+"""Run by test_distributed.py under `accelerate launch`: an evaluation by generation (9 rows, split unevenly over 2
+processes), then 3 steps on the tiny model; metrics and losses written by rank 0."""
 
 import json
 import sys
 
 import torch
+from accelerate.utils import gather_object
 from transformers import TrainingArguments
 
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
@@ -44,12 +46,20 @@ def main(output, per_device_batch):
         train_dataset=rows,
         processing_class=processor,
         data_collator=DataCollatorForPerceptionGPT(processor),
+        eval_max_new_tokens=4,
     )
+    generated, generate = [], model.generate
+    model.generate = lambda **kwargs: generated.append(kwargs["input_ids"].shape[0]) or generate(**kwargs)
+    # before training, so that both runs evaluate identical weights; 9 rows split 5 + 4 over 2 processes
+    evaluation = trainer.evaluate(eval_dataset=rows.select(range(9)))
+    rows_per_process = gather_object([sum(generated)])
+    model.generate = generate
     trainer.train()
     if trainer.is_world_process_zero():
         logs = [{k: e[k] for k in ("loss", *LOSS_PARTS)} for e in trainer.state.log_history if "loss" in e]
         with open(output, "w") as handle:
-            json.dump({"world_size": trainer.args.world_size, "logs": logs}, handle)
+            result = {"world_size": trainer.args.world_size, "logs": logs, "eval": evaluation}
+            json.dump({**result, "eval_rows_per_process": rows_per_process}, handle)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""2 CPU processes (gloo, one thread each, dropout 0) match 1 process with the same global batch."""
+"""2 CPU processes (gloo, one thread each, dropout 0) match 1 process: the same global batch trains alike, and
+evaluation by generation splits the rows and gathers them into the same metrics."""
 
 import json
 import os
@@ -44,6 +45,11 @@ def test_two_processes_match_one(tmp_path):
     single = _launch(tmp_path, 1, 4)
     double = _launch(tmp_path, 2, 2)
     assert (single["world_size"], double["world_size"]) == (1, 2)
+    assert single["eval"]["eval_n_eval_rec"] + single["eval"]["eval_n_eval_res"] == 9  # every row, once
+    assert (single["eval_rows_per_process"], double["eval_rows_per_process"]) == ([9], [5, 4])
+    assert set(single["eval"]) == set(double["eval"]) and "eval_rec_miou" in single["eval"]
+    for key, value in single["eval"].items():  # the gathered rows give the one-process metrics
+        assert abs(value - double["eval"][key]) < 1e-6, (key, value, double["eval"][key])
     single, double = single["logs"], double["logs"]
     assert len(single) == len(double) == 3
     for one, two in zip(single, double):

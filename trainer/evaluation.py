@@ -18,10 +18,27 @@ from perceptiongpt.processing.text_coordinates import COORDINATE_FORMATS, text_b
 @dataclass
 class GroundingEvaluation:
     """`metrics`: rec_acc@0.5, rec_acc@0.75, rec_miou, res_ciou, res_giou, n_eval_rec, n_eval_res.
-    `predictions`: per evaluated row, the post-processed generation (text, pixel boxes, scores, masks)."""
+    `predictions`: per evaluated row, the post-processed generation (text, pixel boxes, scores, masks).
+    `scored`: per evaluated row, what its metric reads: {"task", "pred", "ref"} (pixel box or (H, W) mask, pred None
+    when nothing was generated); `grounding_metrics(scored)` gives `metrics` again, e.g. after gathering processes."""
 
     metrics: dict
     predictions: list = field(default_factory=list)
+    scored: list = field(default_factory=list)
+
+
+def grounding_metrics(scored) -> dict:
+    """REC and RES metrics of per-row `scored` records (see `GroundingEvaluation`)."""
+    rec = [record for record in scored if record["task"] == "rec"]
+    res = [record for record in scored if record["task"] == "res"]
+    metrics = {"n_eval_rec": len(rec), "n_eval_res": len(res)}
+    if rec:
+        acc = rec_accuracy([r["pred"] for r in rec], [r["ref"] for r in rec])
+        metrics.update({"rec_acc@0.5": acc["acc@0.5"], "rec_acc@0.75": acc["acc@0.75"], "rec_miou": acc["miou"]})
+    if res:
+        iou = res_iou([r["pred"] for r in res], [r["ref"] for r in res])
+        metrics.update({"res_ciou": iou["ciou"], "res_giou": iou["giou"]})
+    return metrics
 
 
 def shuffle_expressions(rows, seed: int = 0) -> list[dict]:
@@ -74,7 +91,7 @@ def evaluate_grounding(
     collator = DataCollatorForPerceptionGPT(processor, image_position=image_position)
     tasks = ("rec", "res") if coordinate_format == "vis" else ("rec",)
     rows = [row for row in rows if row["task"] in tasks]
-    box_preds, box_refs, mask_preds, mask_refs, predictions = [], [], [], [], []
+    scored, predictions = [], []
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
@@ -106,22 +123,15 @@ def evaluate_grounding(
                 predictions.append(result)
                 found = len(result["boxes"]) > 0
                 if row["task"] == "rec":
-                    box_preds.append(result["boxes"][0].tolist() if found else None)
-                    box_refs.append(list(row["boxes"][target]))
+                    pred, ref = (result["boxes"][0].tolist() if found else None), list(row["boxes"][target])
                 else:
                     has_mask = found and result["masks"] is not None
-                    mask_preds.append(result["masks"][0].numpy() if has_mask else None)
-                    mask_refs.append(decode_rle(row["masks"][target], "masks"))
+                    pred = result["masks"][0].numpy() if has_mask else None
+                    ref = decode_rle(row["masks"][target], "masks")
+                scored.append({"task": row["task"], "pred": pred, "ref": ref})
     finally:
         tokenizer.padding_side = padding_side
-    metrics = {"n_eval_rec": len(box_refs), "n_eval_res": len(mask_refs)}
-    if box_refs:
-        rec = rec_accuracy(box_preds, box_refs)
-        metrics.update({"rec_acc@0.5": rec["acc@0.5"], "rec_acc@0.75": rec["acc@0.75"], "rec_miou": rec["miou"]})
-    if mask_refs:
-        res = res_iou(mask_preds, mask_refs)
-        metrics.update({"res_ciou": res["ciou"], "res_giou": res["giou"]})
-    return GroundingEvaluation(metrics=metrics, predictions=predictions)
+    return GroundingEvaluation(metrics=grounding_metrics(scored), predictions=predictions, scored=scored)
 
 
-__all__ = ["GroundingEvaluation", "evaluate_grounding", "shuffle_expressions"]
+__all__ = ["GroundingEvaluation", "evaluate_grounding", "grounding_metrics", "shuffle_expressions"]

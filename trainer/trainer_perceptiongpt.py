@@ -7,13 +7,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError, safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from perceptiongpt.region_inputs import vis_targets
 
-from .evaluation import evaluate_grounding
+from .evaluation import evaluate_grounding, grounding_metrics
 
 
 LOSS_PARTS = ("lm_loss", "box_l1_loss", "box_giou_loss", "box_aux_loss", "mask_dice_loss", "mask_bce_loss")
@@ -101,25 +102,29 @@ class PerceptionGPTTrainer(Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        """Generation-based evaluation (never teacher-forced) with the REC/RES protocols of DESIGN.md."""
+        """Generation-based evaluation (never teacher-forced) with the REC/RES protocols of DESIGN.md. Under several
+        processes each generates for its share of the rows, and the metrics are computed over all of them."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("`eval_dataset` is required for evaluation, got None.")
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        result = evaluate_grounding(
-            model,
-            self.processing_class,
-            dataset,
-            batch_size=self.args.per_device_eval_batch_size,
-            max_new_tokens=self.eval_max_new_tokens,
-            image_position=self.eval_image_position,
-        )
+        rows = [row for row in dataset if row["task"] in ("rec", "res")]  # the scored ones, split evenly
+        with self.accelerator.split_between_processes(rows) as local_rows:
+            result = evaluate_grounding(
+                model,
+                self.processing_class,
+                local_rows,
+                batch_size=self.args.per_device_eval_batch_size,
+                max_new_tokens=self.eval_max_new_tokens,
+                image_position=self.eval_image_position,
+            )
         model.train(was_training)
+        scored = gather_object(result.scored) if self.accelerator.num_processes > 1 else result.scored
         metrics = {
             f"{metric_key_prefix}_{key}": value
-            for key, value in result.metrics.items()
+            for key, value in grounding_metrics(scored).items()
             if isinstance(value, (int, float)) and math.isfinite(value)
         }
         self.log(metrics)
