@@ -75,6 +75,17 @@ def _prompt_shape(input_ids, kwargs) -> tuple[int, int]:
     return (tensors[0].shape[0] if tensors else 1), 1
 
 
+def _slots_from(regions: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """(R, K, ...) per-slot regions, (R,) first slot of each row -> (R, K, ...) with row r's slots from first[r] on
+    (the `<vis>` of an uncached tail are counted from its start); slots past the end are NaN / False / 0."""
+    slots = first[:, None] + torch.arange(regions.shape[1], device=regions.device)  # (R, K)
+    inside = slots < regions.shape[1]
+    index = slots.clamp(max=regions.shape[1] - 1).view(*slots.shape, *[1] * (regions.dim() - 2))
+    taken = regions.gather(1, index.expand_as(regions))
+    empty = torch.full_like(taken, float("nan")) if taken.is_floating_point() else torch.zeros_like(taken)
+    return torch.where(inside.view_as(index), taken, empty)
+
+
 _UNSUPPORTED = {
     "assistant_model": "assisted decoding",
     "prompt_lookup_num_tokens": "prompt-lookup (speculative) decoding",
@@ -158,8 +169,16 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             return model_inputs
         if is_first_iteration or not use_cache:
             # the whole sequence is fed: prompt regions plus every generated box so far
-            model_inputs.update(vis_masks=vis_masks, vis_mask_valid=vis_mask_valid)
-            model_inputs["vis_boxes"] = self._boxes_for_sequences(state, input_ids, vis_boxes)
+            regions = {"vis_boxes": self._boxes_for_sequences(state, input_ids, vis_boxes)}
+            if vis_masks is not None:
+                regions.update(vis_masks=vis_masks, vis_mask_valid=vis_mask_valid)
+            fed = model_inputs["input_ids"].shape[1]
+            if fed < input_ids.shape[1]:  # continuing from a given cache: only the uncached tail is fed
+                first = (input_ids[:, :-fed] == self.config.vis_token_id).sum(-1)  # (R,) slots already cached
+                regions = {name: _slots_from(value, first) for name, value in regions.items()}
+                for name in ("pixel_values", "image_sizes", "mm_encoder_outputs"):  # images: cached, masks: captured
+                    model_inputs.pop(name, None)
+            model_inputs.update(regions)
         else:  # only the newest token is fed: one slot per row, NaN unless that token is a `<vis>`
             model_inputs["vis_boxes"] = self._boxes_for_newest_token(state, input_ids)
         return model_inputs
@@ -213,6 +232,12 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         hidden = torch.stack([h for _, _, (h, _) in todo])  # (N, D)
         has_image, features = self._image_inputs(state, [sample for _, sample, _ in todo])
         samples = [sample for _, sample, _ in todo]
+        if self.box_decoder.reads_llm_image_states and state.image_states is None and has_image is not None:
+            raise ValueError(
+                "This box head reads the LLM's states at the image tokens, which a generate() continued from a cache "
+                "does not recompute: generate again from the whole conversation without `cache`, or use a box head "
+                "with `query_source='vision'`."
+            )
         image_states = None if state.image_states is None else state.image_states[samples]  # (N, g*g, D)
         no_masks = torch.zeros(len(todo), dtype=torch.bool, device=hidden.device)  # only boxes are fed back
         boxes = self.decode_regions(hidden, features, has_image, no_masks, image_states)[0].boxes

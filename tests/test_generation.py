@@ -297,3 +297,41 @@ def test_records_are_keyed_by_the_generated_suffix_and_masks_decoded_once(tiny_m
     no_boxes = torch.full((2, 1, 4), NAN)
     err, count, mask_err = _teacher_forced(tiny_model, out, ids, torch.ones_like(ids), pixels, no_boxes)
     assert count >= 2 and err < 1e-6 and mask_err < 1e-5
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_continuing_from_a_returned_cache_equals_one_generate(tiny_model, image):
+    """Multi-turn: the first call ends on a generated `<vis>` (never fed back yet); the second gets the cache and the
+    boxes of every `<vis>` so far, and must give what one uninterrupted generate gives, masks included."""
+    ids, pixels = make_batch(1, 22, vis_at=((20,),), image=image)
+    prompt_box = torch.tensor([[[0.1, 0.1, 0.5, 0.5]]])
+    kwargs = dict(do_sample=False, return_dict_in_generate=True, **({"pixel_values": pixels} if image else {}))
+    full = tiny_model.generate(input_ids=ids, vis_boxes=prompt_box, max_new_tokens=8, **kwargs)
+    first = tiny_model.generate(input_ids=ids, vis_boxes=prompt_box, max_new_tokens=3, **kwargs)
+    assert first.sequences[0, -1] == VIS and torch.equal(first.sequences[0], full.sequences[0, :25])
+    boxes = torch.cat([prompt_box[0], first.pred_boxes[0]])[None]  # (1, 1 + n, 4): prompt, then generated
+    second = tiny_model.generate(
+        input_ids=first.sequences, cache=first.cache, vis_boxes=boxes, max_new_tokens=5, **kwargs
+    )
+    assert torch.equal(second.sequences, full.sequences)
+    done = len(first.pred_boxes[0])
+    assert len(second.pred_boxes[0]) >= 1 and len(second.pred_boxes[0]) + done == len(full.pred_boxes[0])
+    torch.testing.assert_close(second.pred_boxes[0], full.pred_boxes[0][done:], rtol=1e-6, atol=1e-6)
+    if image:
+        torch.testing.assert_close(second.pred_masks[0], full.pred_masks[0][done:], rtol=1e-5, atol=1e-5)
+    else:
+        assert second.pred_masks[0] is None
+
+
+def test_continuing_a_head_that_reads_llm_image_states_raises():
+    torch.manual_seed(0)
+    config = PerceptionGPTConfig.from_preset("tiny", box_head_config={"decoder_type": "query", "query_source": "llm"})
+    model = PerceptionGPTForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[VIS] = model.model.language_model.norm.weight * 3
+    ids, pixels = make_batch(1, 22, vis_at=((),))
+    kwargs = dict(do_sample=False, return_dict_in_generate=True, pixel_values=pixels)
+    first = model.generate(input_ids=ids, max_new_tokens=2, **kwargs)
+    boxes = first.pred_boxes[0][None]
+    with pytest.raises(ValueError, match="reads the LLM's states at the image tokens"):
+        model.generate(input_ids=first.sequences, cache=first.cache, vis_boxes=boxes, max_new_tokens=3, **kwargs)
