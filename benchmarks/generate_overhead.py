@@ -6,6 +6,10 @@ Interleaved runs, medians, 64 new tokens, batch 1 and 8, on a model big enough t
 
     python benchmarks/generate_overhead.py [--repeats 5] [--threads 2]
 
+Also the footprint of generate()'s per-`<vis>` records for 64 new tokens x 4 beams with a `<vis>` every step, at two
+prompt lengths: as stored (key = generated suffix, value = box + hidden state) and, for the same records, what the
+earlier layout held (key = the whole prefix, value = box + an S x S mask).
+
 Writes benchmarks/results/generate_overhead.json.
 """
 
@@ -88,6 +92,42 @@ def timed(model, inputs, new_tokens, processors):
     return elapsed, out
 
 
+def records_footprint(model, config, prompt_extra, new_tokens, beams=4):
+    """MB of generate()'s records (now, and in the earlier layout) after one beam search with `<vis>` forced."""
+    inputs = inputs_for(config, 1)
+    extra = torch.randint(10, 1000, (1, prompt_extra), generator=torch.Generator().manual_seed(1))
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    states, collect = [], model._collect_generated_regions
+    model._collect_generated_regions = lambda sequences, state: states.append(state) or collect(sequences, state)
+    try:
+        with torch.no_grad():
+            model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                num_beams=beams,
+                return_dict_in_generate=True,
+                logits_processor=LogitsProcessorList([ForceToken(config.vis_token_id)]),
+            )
+    finally:
+        del model._collect_generated_regions
+    state, prompt = states[0], inputs["input_ids"].shape[1]
+    side = config.mask_head_config.mask_size
+    storages = {}  # what the records really keep alive: each tensor's whole storage, once
+    for box, hidden, score in state.records.values():
+        for tensor in (box, hidden, score):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    now = sum(len(key) for _, key in state.records) + sum(storages.values())
+    before = sum(8 * prompt + len(key) + 4 * (4 + side * side + 1) for _, key in state.records)
+    return {
+        "prompt_tokens": prompt,
+        "records": len(state.records),
+        "mb_now": now / 2**20,
+        "mb_before_layout": before / 2**20,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per workload and batch size")
@@ -131,6 +171,8 @@ def main():
             round(results["batches"][str(batch)]["ratio_no_vis"], 3),
             round(results["batches"][str(batch)]["ratio_vis_every_step"], 3),
         )
+    results["records"] = [records_footprint(model, config, extra, args.new_tokens) for extra in (0, 512)]
+    print(json.dumps(results["records"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
 

@@ -241,8 +241,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         image_states = None if state.image_states is None else state.image_states[samples]  # (N, g*g, D)
         no_masks = torch.zeros(len(todo), dtype=torch.bool, device=hidden.device)  # only boxes are fed back
         boxes = self.decode_regions(hidden, features, has_image, no_masks, image_states)[0].boxes
-        for i, (key, _, (h, score)) in enumerate(todo):
-            state.records[key] = (boxes[i], h, score)
+        for i, (key, _, (h, score)) in enumerate(todo):  # copies: a view would keep a whole forward's outputs alive
+            state.records[key] = (boxes[i].clone(), h.clone(), score.clone())
 
     def _image_inputs(self, state, samples):
         """(has_image (N,) bool, fused patches (N, g*g, C)) of each sample's image, or (None, None) without images."""
