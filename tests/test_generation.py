@@ -294,6 +294,8 @@ def test_records_are_keyed_by_the_generated_suffix_and_masks_decoded_once(tiny_m
     records = seen[0].records
     assert len(records) >= 2 and all(len(key) <= 8 * 8 for _, key in records)  # int64 generated tokens only
     assert all(record[1].shape == (tiny_model.config.text_config.hidden_size,) for record in records.values())
+    for record in records.values():  # own storage: no record keeps a whole step's logits or hidden states alive
+        assert all(tensor.untyped_storage().nbytes() == tensor.nbytes for tensor in record)
     no_boxes = torch.full((2, 1, 4), NAN)
     err, count, mask_err = _teacher_forced(tiny_model, out, ids, torch.ones_like(ids), pixels, no_boxes)
     assert count >= 2 and err < 1e-6 and mask_err < 1e-5
