@@ -43,12 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARDS = RESULTS / "head_ablation"
 # variant -> its config overrides; "text" writes coordinates and never decodes a box. `*_noaux`: without the
-# design's own dense loss (`box_aux_weight` 0), as the first query shards ran.
+# design's own dense loss (`box_aux_weight` 0), as the first query shards ran. Every field a variant is about is
+# spelled out, never left to a default that can change (`query_source` became "llm" by default).
+VISION, LLM = {"decoder_type": "query", "query_source": "vision"}, {"decoder_type": "query", "query_source": "llm"}
 VARIANT_CONFIGS = {
     **{name: {"box_head_config": {"decoder_type": name}} for name in BOX_DECODERS if name != "legacy_cxcywh"},
-    "query_llm": {"box_head_config": {"decoder_type": "query", "query_source": "llm"}},
-    "query_noaux": {"box_head_config": {"decoder_type": "query"}, "box_aux_weight": 0.0},
-    "query_llm_noaux": {"box_head_config": {"decoder_type": "query", "query_source": "llm"}, "box_aux_weight": 0.0},
+    "query": {"box_head_config": VISION},
+    "query_llm": {"box_head_config": LLM},
+    "query_noaux": {"box_head_config": VISION, "box_aux_weight": 0.0},
+    "query_llm_noaux": {"box_head_config": LLM, "box_aux_weight": 0.0},
 }
 DESIGNS = tuple(VARIANT_CONFIGS)
 VARIANTS = (*DESIGNS, "text")
