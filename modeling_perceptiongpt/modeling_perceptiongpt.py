@@ -290,6 +290,8 @@ class PerceptionGPTForConditionalGeneration(
         LLaVA scatters images), or None when the box decoder does not read them or there is no image."""
         if not self.box_decoder.reads_llm_image_states or input_ids is None or is_torchdynamo_compiling():
             return None  # compiled: only decode steps, whose states generate() reads from the eager prefill
+        if input_ids.shape[1] < self.config.num_image_tokens:  # a decode step: no host sync on every new token
+            return None
         is_image = input_ids == self.config.image_token_id  # (B, T)
         if not is_image.any():
             return None
