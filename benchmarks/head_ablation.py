@@ -424,6 +424,7 @@ def main():
     parser.add_argument("--eval-every", type=int, default=300, help="evaluate the curve every K steps")
     parser.add_argument("--curve-size", type=int, default=200, help="held-out samples per curve point")
     parser.add_argument("--final-size", type=int, default=500, help="held-out samples of the final evaluation")
+    parser.add_argument("--threads", type=int, default=recipe.threads, help="torch threads (recorded in the shard)")
     parser.add_argument("--quick", action="store_true", help="60 steps on 50 samples (written with a _quick name)")
     parser.add_argument("--aggregate", action="store_true", help="combine the committed shards")
     parser.add_argument("--default", default="query_llm", choices=DESIGNS, help="the variant of the model default")
@@ -438,6 +439,7 @@ def main():
         return
     if args.variant is None:
         parser.error("--variant is required unless --aggregate is given")
+    recipe.threads = args.threads
     torch.set_num_threads(recipe.threads)
     result = train_and_evaluate(args, copy.deepcopy(recipe))
     SHARDS.mkdir(parents=True, exist_ok=True)
