@@ -5,11 +5,11 @@ Importing the package registers the Auto classes. The trainer is imported lazily
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionGPTConfig
+from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionConfigMixin, PerceptionGPTConfig
 from .conversion_perceptiongpt import add_vis_token, from_llava
 from .generation_perceptiongpt import PerceptionGPTBeamGenerateOutput, PerceptionGPTGenerateOutput
+from .mixin_perceptiongpt import PerceptionGPTCausalLMOutput, PerceptionGPTMixin
 from .modeling_perceptiongpt import (
-    PerceptionGPTCausalLMOutput,
     PerceptionGPTForConditionalGeneration,
     PerceptionGPTModel,
     PerceptionGPTPreTrainedModel,
@@ -29,10 +29,12 @@ __all__ = [
     "BoxHeadConfig",
     "MaskHeadConfig",
     "PerceptionGPTBeamGenerateOutput",
+    "PerceptionConfigMixin",
     "PerceptionGPTCausalLMOutput",
     "PerceptionGPTConfig",
     "PerceptionGPTForConditionalGeneration",
     "PerceptionGPTGenerateOutput",
+    "PerceptionGPTMixin",
     "PerceptionGPTModel",
     "PerceptionGPTPreTrainedModel",
     "PerceptionGPTProcessor",

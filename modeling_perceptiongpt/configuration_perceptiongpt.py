@@ -124,36 +124,24 @@ LEGACY_HEAD_FIELDS = {
 
 
 @strict
-class PerceptionGPTConfig(LlavaConfig):
-    """LLaVA composite config (vision_config, text_config, projector) plus the perception heads.
+class PerceptionConfigMixin(PreTrainedConfig):
+    """The perception fields every family's config adds to its native composite config.
 
-    Args (beyond LlavaConfig):
+    Args:
         vis_token_id: id of the `<vis>` token; one per object.
         box_head_config / mask_head_config: the head sub-configs.
-        vision_fusion_layers: ViT hidden-state indices (0 = embeddings) mixed by learned softmax weights; None means
-            every hidden state but the last, as in the paper.
-        fuse_llm_features: also feed the fused mix (instead of `vision_feature_layer`) to the LLM path (paper: on).
+        vision_fusion_layers: ViT hidden-state indices mixed by learned softmax weights into the mask decoder's
+            features; None means every hidden state but the last, as in the paper.
         region_embedding_mode: how a `<vis>` input embedding carries its region: "replace" it (paper) or "add" to it.
-        *_weight: loss weights; the total is lm + l1 + giou + dice + bce, each times its weight.
+        *_weight: loss weights; the total is lm + l1 + giou + dice + bce + aux, each times its weight.
+    A family config subclasses `(PerceptionConfigMixin, <Family>Config)` and defines `num_vision_hidden_states`,
+    `patch_grid_size` (the side of the mask decoder's patch grid) and `suppressed_token_ids`.
     """
-
-    model_type = "perceptiongpt"
-    sub_configs_defaults = {
-        **LlavaConfig.sub_configs_defaults,
-        # llava-1.5-7b-hf's padded vocabulary, so that the default `image_token_id` (32000) and `vis_token_id`
-        # (32002) are inside it and `PerceptionGPTConfig()` builds
-        "text_config": SubConfigSpec(
-            config_class=AutoConfig, model_type="llama", init_kwargs={"vocab_size": 32064, "pad_token_id": 32001}
-        ),
-        "box_head_config": SubConfigSpec(config_class=BoxHeadConfig),
-        "mask_head_config": SubConfigSpec(config_class=MaskHeadConfig),
-    }
 
     box_head_config: dict | PreTrainedConfig | None = None
     mask_head_config: dict | PreTrainedConfig | None = None
     vis_token_id: int = 32002
     vision_fusion_layers: list[int] | None = None
-    fuse_llm_features: bool = False
     region_embedding_mode: Literal["replace", "add"] = "replace"
     lm_loss_weight: float = 1.0
     box_l1_weight: float = 1.0
@@ -166,7 +154,7 @@ class PerceptionGPTConfig(LlavaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        num_hidden_states = self.vision_config.num_hidden_layers + 1  # embeddings + every layer
+        num_hidden_states = self.num_vision_hidden_states
         if self.vision_fusion_layers is None:
             self.vision_fusion_layers = list(range(num_hidden_states - 1))
         if not self.vision_fusion_layers:
@@ -186,8 +174,11 @@ class PerceptionGPTConfig(LlavaConfig):
                 raise ValueError(
                     f"`{name}` must be in [0, {vocab}) (text_config.vocab_size), got {getattr(self, name)}."
                 )
-        if self.vis_token_id == self.image_token_id:
-            raise ValueError(f"`vis_token_id` and `image_token_id` must differ, both are {self.vis_token_id}.")
+        if self.vis_token_id in self.suppressed_token_ids:
+            raise ValueError(
+                f"`vis_token_id` ({self.vis_token_id}) must differ from the modality token ids "
+                f"{self.suppressed_token_ids}."
+            )
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -198,6 +189,43 @@ class PerceptionGPTConfig(LlavaConfig):
             if isinstance(config_dict.get(key), dict):
                 config_dict[key] = {**legacy, **config_dict[key]}
         return super().from_dict(config_dict, **kwargs)
+
+    @property
+    def suppressed_token_ids(self) -> list[int]:
+        """Modality placeholders the model must never sample."""
+        return [self.image_token_id]
+
+
+PERCEPTION_SUB_CONFIGS = {
+    "box_head_config": SubConfigSpec(config_class=BoxHeadConfig),
+    "mask_head_config": SubConfigSpec(config_class=MaskHeadConfig),
+}
+
+
+@strict
+class PerceptionGPTConfig(PerceptionConfigMixin, LlavaConfig):
+    """LLaVA composite config (vision_config, text_config, projector) plus the perception fields of
+    `PerceptionConfigMixin`, and:
+
+        fuse_llm_features: also feed the fused ViT mix (instead of `vision_feature_layer`) to the LLM path (paper: on).
+    """
+
+    model_type = "perceptiongpt"
+    sub_configs_defaults = {
+        **LlavaConfig.sub_configs_defaults,
+        # llava-1.5-7b-hf's padded vocabulary, so that the default `image_token_id` (32000) and `vis_token_id`
+        # (32002) are inside it and `PerceptionGPTConfig()` builds
+        "text_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="llama", init_kwargs={"vocab_size": 32064, "pad_token_id": 32001}
+        ),
+        **PERCEPTION_SUB_CONFIGS,
+    }
+
+    fuse_llm_features: bool = False
+
+    @property
+    def num_vision_hidden_states(self) -> int:
+        return self.vision_config.num_hidden_layers + 1  # CLIP: the embeddings and every layer
 
     @property
     def patch_grid_size(self) -> int:
@@ -328,4 +356,4 @@ _PRESETS = {
 }
 
 
-__all__ = ["BoxHeadConfig", "MaskHeadConfig", "PerceptionGPTConfig", "SPECIAL_TOKEN_IDS"]
+__all__ = ["BoxHeadConfig", "MaskHeadConfig", "PerceptionConfigMixin", "PerceptionGPTConfig", "SPECIAL_TOKEN_IDS"]

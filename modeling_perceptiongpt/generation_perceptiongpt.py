@@ -120,9 +120,13 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             )
         batch_size, prompt_length = _prompt_shape(input_ids, kwargs)
         state = PerceptionGenerationState(batch_size, prompt_length)
+        if kwargs.get("pixel_values") is not None:  # encoded once, with the mask decoder's features
+            image_kwargs = {name: kwargs[name] for name in self._image_encoder_kwargs if kwargs.get(name) is not None}
+            images = self.encode_images(kwargs.pop("pixel_values"), **image_kwargs)
+            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": images}
         processors = LogitsProcessorList(logits_processor or [])
-        # never sample `<image>`: LLaVA finds image placeholders by embedding, so a sampled one corrupts later passes
-        processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
+        # never sample a modality placeholder: its features would be missing, or found by embedding (LLaVA)
+        processors.append(SuppressTokensLogitsProcessor(self.config.suppressed_token_ids, device=self.device))
         out = super().generate(
             inputs=inputs,
             generation_config=generation_config,
@@ -203,15 +207,12 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             return
         state.mask_features = image.mask_features
         per_sample = input_ids[:: max(input_ids.shape[0] // state.batch_size, 1)]  # one row per sample
-        state.sample_image = last_image_index_per_row(
-            per_sample, self.config.image_token_id, self.config.num_image_tokens
-        )
+        state.sample_image = last_image_index_per_row(self.image_starts(per_sample))
 
     def _capture_image_states(self, state, image_token_states):
         """From the first forward (the whole prompt): each sample's last image's states, from its first row."""
         step = max(state.last_inputs.shape[0] // state.batch_size, 1)
-        ids, tokens = self.config.image_token_id, self.config.num_image_tokens
-        last = last_image_index_per_row(state.last_inputs, ids, tokens)[::step]  # (B,) forward's images, or -1
+        last = last_image_index_per_row(self.image_starts(state.last_inputs))[::step]  # (B,) forward's images, or -1
         has = last >= 0  # (B,)
         state.image_states = image_token_states[last.clamp(min=0)] * has[:, None, None].to(image_token_states)
 

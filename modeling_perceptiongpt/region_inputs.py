@@ -11,29 +11,43 @@ def vis_slot_index(input_ids: torch.Tensor, vis_token_id: int) -> torch.Tensor:
     return (input_ids == vis_token_id).long().cumsum(-1) - 1
 
 
-def last_image_index_per_row(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
-    """(B, T) -> (B,): index into the batch's images of each row's LAST image, -1 for rows without one.
+def image_starts_by_count(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
+    """(B, T) -> (B, T) bool: the first placeholder of each image, for families with a fixed token count per image
+    (LLaVA), where two images back to back form one placeholder run."""
+    is_image = input_ids == image_token_id  # (B, T)
+    return is_image & ((is_image.long().cumsum(-1) - 1) % tokens_per_image == 0)
 
-    Images are numbered in row order, as LLaVA scatters them into the `<image>` placeholders. This is the image of
+
+def image_starts_by_run(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(B, T) -> (B, T) bool: the first placeholder of each run, for families that delimit every image (Qwen's
+    vision start/end tokens), whatever its token count."""
+    is_image = input_ids == image_token_id  # (B, T)
+    before = torch.nn.functional.pad(is_image[:, :-1], (1, 0), value=False)  # (B, T)
+    return is_image & ~before
+
+
+def last_image_index_per_row(image_starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) image starts -> (B,): index into the batch's images of each row's LAST image, -1 for rows without one.
+
+    Images are numbered in row order, as the families scatter them into their placeholders. This is the image of
     every `<vis>` generated after the row (the latest image at or before it: the rule `image_index_per_token`
-    applies in training), since an `<image>` is never generated.
+    applies in training), since an image placeholder is never generated.
     """
-    images_per_row = (input_ids == image_token_id).sum(-1) // tokens_per_image  # (B,)
+    images_per_row = image_starts.sum(-1)  # (B,)
     last = images_per_row.cumsum(0) - 1  # (B,)
     return torch.where(images_per_row > 0, last, torch.full_like(last, -1))
 
 
-def image_index_per_token(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
-    """(B, T) -> (B, T): index into the batch's images of the latest image begun at or before each position of its
-    row (the row's first image before any), -1 for rows without one.
+def image_index_per_token(image_starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) image starts -> (B, T): index into the batch's images of the latest image begun at or before each
+    position of its row (the row's first image before any), -1 for rows without one.
 
     In a packed row (several samples, each with its image before its `<vis>`) each `<vis>` thus gets its own
     sample's image; in a one-image row every position gets that image.
     """
-    is_image = (input_ids == image_token_id).long()  # (B, T)
-    images_per_row = is_image.sum(-1) // tokens_per_image  # (B,)
+    images_per_row = image_starts.sum(-1)  # (B,)
     first = images_per_row.cumsum(0) - images_per_row  # (B,)
-    begun = (is_image.cumsum(-1) + tokens_per_image - 1) // tokens_per_image  # (B, T) images begun up to t
+    begun = image_starts.long().cumsum(-1)  # (B, T) images begun up to t
     index = first[:, None] + (begun - 1).clamp(min=0)  # (B, T)
     return torch.where(images_per_row[:, None] > 0, index, torch.full_like(index, -1))
 
@@ -54,16 +68,17 @@ def embed_boxes_branch_free(box_encoder, input_ids, inputs_embeds, vis_boxes, vi
     return torch.where(valid[..., None], region, inputs_embeds)
 
 
-def vis_targets(config, input_ids, labels, vis_boxes, vis_mask_valid=None):
+def vis_targets(vis_token_id, input_ids, labels, vis_boxes, vis_mask_valid=None, image_index=None):
     """The supervised `<vis>` tokens (labels == `<vis>`, never position 0, which nothing predicts).
 
-    Returns rows, cols, slots (N,) and has_box, has_mask (N,) bool: a box target needs a finite slot box, a mask
-    target a valid slot mask and an image in its row. The trainer counts these over the global batch.
+    image_index (B, T): `image_index_per_token`, needed with `vis_mask_valid`. Returns rows, cols, slots (N,) and
+    has_box, has_mask (N,) bool: a box target needs a finite slot box, a mask target a valid slot mask and an image
+    in its row. The trainer counts these over the global batch (through the model's `vis_targets`).
     """
-    is_target = labels == config.vis_token_id  # (B, T)
+    is_target = labels == vis_token_id  # (B, T)
     is_target[:, 0] = False
     rows, cols = is_target.nonzero(as_tuple=True)  # (N,)
-    slots = vis_slot_index(input_ids, config.vis_token_id)[rows, cols]  # (N,)
+    slots = vis_slot_index(input_ids, vis_token_id)[rows, cols]  # (N,)
     known = slots < vis_boxes.shape[1]
     boxes = torch.full((len(rows), 4), float("nan"), device=labels.device)
     boxes[known] = vis_boxes.to(boxes)[rows[known], slots[known]]
@@ -72,7 +87,6 @@ def vis_targets(config, input_ids, labels, vis_boxes, vis_mask_valid=None):
     if vis_mask_valid is not None:
         known = slots < vis_mask_valid.shape[1]
         has_mask[known] = vis_mask_valid.to(labels.device)[rows[known], slots[known]]
-        image_index = image_index_per_token(input_ids, config.image_token_id, config.num_image_tokens)  # (B, T)
         has_mask &= image_index[rows, cols] >= 0
     return rows, cols, slots, has_box, has_mask
 
@@ -138,6 +152,8 @@ __all__ = [
     "check_region_inputs",
     "embed_boxes_branch_free",
     "image_index_per_token",
+    "image_starts_by_count",
+    "image_starts_by_run",
     "last_image_index_per_row",
     "vis_slot_index",
     "vis_targets",

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import make_batch
 
-import perceptiongpt.modeling_perceptiongpt as modeling
+import perceptiongpt.loading_perceptiongpt as modeling
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
-from perceptiongpt.modeling_perceptiongpt import preferred_attn_implementation
+from perceptiongpt.loading_perceptiongpt import preferred_attn_implementation
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from conftest import make_batch
 from perceptiongpt import PerceptionGPTForConditionalGeneration
 
 
-HEADS = ("model.box_encoder", "model.mask_encoder", "model.mask_feature_fusion", "box_decoder", "mask_decoder")
+HEADS = ("box_encoder", "mask_encoder", "mask_feature_fusion", "box_decoder", "mask_decoder")
 
 
 def test_a_memory_split_keeps_heads_whole_and_generates_the_same(tiny_model, tmp_path):

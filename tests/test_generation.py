@@ -50,7 +50,7 @@ def _teacher_forced(model, out, ids, attention, pixels, boxes):
     kwargs = {} if pixels is None else {"pixel_values": _pixels_per_row(pixels, ids, n)}
     with torch.no_grad():
         tf = model(input_ids=seqs, attention_mask=mask, vis_boxes=vis_boxes, **kwargs)
-    image_index = image_index_per_token(seqs, IMAGE, model.config.num_image_tokens)  # (rows, T)
+    image_index = image_index_per_token(model.image_starts(seqs))  # (rows, T)
     err, count, mask_err = 0.0, 0, 0.0
     for r in range(rows):
         for j, p in enumerate(out.vis_positions[r].tolist()):
@@ -272,9 +272,12 @@ def test_generate_from_inputs_embeds_alone_equals_input_ids(tiny_model):
 
 
 def test_generate_without_inputs_starts_from_bos(tiny_model):
+    bos = torch.tensor([[tiny_model.generation_config.bos_token_id]])
+    with torch.no_grad():  # `<vis>` generated right after BOS
+        tiny_model.lm_head.weight[VIS] = tiny_model(input_ids=bos).last_hidden_state[0, -1] * 10
     kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     out = tiny_model.generate(**kwargs)
-    reference = tiny_model.generate(input_ids=torch.tensor([[tiny_model.generation_config.bos_token_id]]), **kwargs)
+    reference = tiny_model.generate(input_ids=bos, **kwargs)
     assert out.prompt_length == 1 and torch.equal(out.sequences, reference.sequences)
     assert len(out.pred_boxes[0]) >= 1 and torch.equal(out.pred_boxes[0], reference.pred_boxes[0])
 
@@ -309,11 +312,12 @@ def test_continuing_from_a_returned_cache_equals_one_generate(tiny_model, image)
     prompt_box = torch.tensor([[[0.1, 0.1, 0.5, 0.5]]])
     kwargs = dict(do_sample=False, return_dict_in_generate=True, **({"pixel_values": pixels} if image else {}))
     full = tiny_model.generate(input_ids=ids, vis_boxes=prompt_box, max_new_tokens=8, **kwargs)
-    first = tiny_model.generate(input_ids=ids, vis_boxes=prompt_box, max_new_tokens=3, **kwargs)
-    assert first.sequences[0, -1] == VIS and torch.equal(first.sequences[0], full.sequences[0, :25])
+    stop = int((full.sequences[0, 22:] == VIS).nonzero()[0]) + 1  # the first call ends on the first generated `<vis>`
+    first = tiny_model.generate(input_ids=ids, vis_boxes=prompt_box, max_new_tokens=stop, **kwargs)
+    assert first.sequences[0, -1] == VIS and torch.equal(first.sequences[0], full.sequences[0, : 22 + stop])
     boxes = torch.cat([prompt_box[0], first.pred_boxes[0]])[None]  # (1, 1 + n, 4): prompt, then generated
     second = tiny_model.generate(
-        input_ids=first.sequences, cache=first.cache, vis_boxes=boxes, max_new_tokens=5, **kwargs
+        input_ids=first.sequences, cache=first.cache, vis_boxes=boxes, max_new_tokens=8 - stop, **kwargs
     )
     assert torch.equal(second.sequences, full.sequences)
     done = len(first.pred_boxes[0])

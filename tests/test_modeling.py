@@ -3,7 +3,7 @@ import torch
 from conftest import IMAGE, VIS, make_batch
 
 from perceptiongpt import PerceptionGPTForConditionalGeneration
-from perceptiongpt.modeling_perceptiongpt import preferred_attn_implementation
+from perceptiongpt.loading_perceptiongpt import preferred_attn_implementation
 
 
 NAN = float("nan")
@@ -32,7 +32,7 @@ def test_fresh_box_decoder_predicts_centred_box(tiny_config):
     model = PerceptionGPTForConditionalGeneration(tiny_config)
     boxes = model.box_decoder(torch.randn(3, tiny_config.text_config.hidden_size)).boxes
     assert torch.equal(boxes, torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(3, 4))
-    assert torch.equal(model.model.mask_feature_fusion.logits, torch.zeros(len(tiny_config.vision_fusion_layers)))
+    assert torch.equal(model.mask_feature_fusion.logits, torch.zeros(len(tiny_config.vision_fusion_layers)))
 
 
 def test_box_decoder_orders_corners(tiny_model):
@@ -132,9 +132,9 @@ def test_region_embedding_changes_logits_and_modes(tiny_config):
         assert torch.equal(plain[:, :20], region[:, :20])  # causal: nothing before the `<vis>` moves
         assert (plain[:, 20:] - region[:, 20:]).abs().amax() > 1e-4
         embeds = model.get_input_embeddings()(ids)
-        encoded = model.model.box_encoder(boxes[:, 0])
+        encoded = model.box_encoder(boxes[:, 0])
         expected = encoded if mode == "replace" else embeds[:, 20] + encoded
-        injected = model.model.embed_regions(ids, embeds, boxes, None, None, None)
+        injected = model.embed_regions(ids, embeds, boxes, None, None, None)
         assert torch.allclose(injected[:, 20], expected) and torch.equal(injected[:, :20], embeds[:, :20])
 
 
@@ -143,13 +143,13 @@ def test_prompt_mask_goes_through_mask_encoder(tiny_model):
     masks, valid = _masks()
     masks, valid = masks[:, :1], valid[:, :1]
     embeds = tiny_model.get_input_embeddings()(ids)
-    injected = tiny_model.model.embed_regions(ids, embeds, _boxes()[:, :1], masks, valid, None)
-    assert torch.allclose(injected[:, 20], tiny_model.model.mask_encoder(masks[:, 0]))
+    injected = tiny_model.embed_regions(ids, embeds, _boxes()[:, :1], masks, valid, None)
+    assert torch.allclose(injected[:, 20], tiny_model.mask_encoder(masks[:, 0]))
     # an answer `<vis>` never takes its mask: it gets its box
     target = torch.zeros_like(ids, dtype=torch.bool)
     target[:, 20] = True
-    injected = tiny_model.model.embed_regions(ids, embeds, _boxes()[:, :1], masks, valid, target)
-    assert torch.allclose(injected[:, 20], tiny_model.model.box_encoder(_boxes()[:, 0]))
+    injected = tiny_model.embed_regions(ids, embeds, _boxes()[:, :1], masks, valid, target)
+    assert torch.allclose(injected[:, 20], tiny_model.box_encoder(_boxes()[:, 0]))
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,7 @@ def test_fused_llm_features_change_only_with_flag(tiny_config):
     ],
 )
 def test_attention_choice(monkeypatch, cuda, flash, dtype, expected):
-    import perceptiongpt.modeling_perceptiongpt as modeling
+    import perceptiongpt.loading_perceptiongpt as modeling
 
     monkeypatch.setattr(modeling.torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: flash)

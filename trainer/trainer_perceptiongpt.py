@@ -12,8 +12,6 @@ from safetensors import SafetensorError, safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from perceptiongpt.region_inputs import vis_targets
-
 from .evaluation import evaluate_grounding, grounding_metrics
 
 
@@ -51,19 +49,20 @@ class PerceptionGPTTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @property
-    def _perception_config(self):
+    def _perception_model(self):
+        """The PerceptionGPT model under accelerate's and PEFT's wrappers."""
         model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Also counts the box and mask targets over the gradient-accumulation window and all processes."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        config = self._perception_config
+        model = self._perception_model
         counts = torch.zeros(2, dtype=torch.long, device=device)
         for batch in batch_samples:
             if "labels" in batch and batch.get("vis_boxes") is not None:
-                _, _, _, has_box, has_mask = vis_targets(
-                    config, batch["input_ids"], batch["labels"], batch["vis_boxes"], batch.get("vis_mask_valid")
+                _, _, _, has_box, has_mask = model.vis_targets(
+                    batch["input_ids"], batch["labels"], batch["vis_boxes"], batch.get("vis_mask_valid")
                 )
                 counts += torch.stack([has_box.sum(), has_mask.sum()]).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
