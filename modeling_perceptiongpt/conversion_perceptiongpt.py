@@ -1,12 +1,14 @@
-"""Turn any LLaVA checkpoint into a PerceptionGPT, keeping every pretrained tensor bit-identical."""
+"""Turn a checkpoint of a supported VLM family into a PerceptionGPT, keeping every pretrained tensor bit-identical."""
 
 import torch
 from tokenizers import AddedToken
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoConfig, LlavaForConditionalGeneration, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
 
 from .configuration_perceptiongpt import PerceptionGPTConfig
-from .modeling_perceptiongpt import PerceptionGPTForConditionalGeneration
+from .configuration_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLConfig
+from .modeling_perceptiongpt import PERCEPTION_MODULE_NAMES, PerceptionGPTForConditionalGeneration
+from .modeling_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLForConditionalGeneration
 
 
 def add_vis_token(tokenizer, vis_token: str = "<vis>") -> int:
@@ -23,22 +25,55 @@ def add_vis_token(tokenizer, vis_token: str = "<vis>") -> int:
     return tok.convert_tokens_to_ids(vis_token)
 
 
-def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **config_overrides):
-    """Build a PerceptionGPT from a `LlavaForConditionalGeneration` (or a path / repo id loadable as one).
+# model_type of a native family -> (native class, PerceptionGPT config class, PerceptionGPT model class)
+FAMILIES = {
+    "llava": (LlavaForConditionalGeneration, PerceptionGPTConfig, PerceptionGPTForConditionalGeneration),
+    "qwen2_5_vl": (
+        Qwen2_5_VLForConditionalGeneration,
+        PerceptionGPTQwen2_5_VLConfig,
+        PerceptionGPTQwen2_5_VLForConditionalGeneration,
+    ),
+}
+SUPPORTED_FAMILIES = tuple(FAMILIES)
+
+
+def load_base_model(base_model_or_path, **kwargs):
+    """A supported native model, loaded from a path / repo id when it is not a model already."""
+    if isinstance(base_model_or_path, PreTrainedModel):
+        model_type = base_model_or_path.config.model_type
+    else:
+        model_type = AutoConfig.from_pretrained(base_model_or_path, **kwargs).model_type
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"`base_model_or_path` is a {model_type!r} model; PerceptionGPT supports the families "
+            f"{list(SUPPORTED_FAMILIES)}."
+        )
+    native = FAMILIES[model_type][0]
+    if isinstance(base_model_or_path, PreTrainedModel):
+        if type(base_model_or_path) is not native:
+            raise TypeError(
+                f"`base_model_or_path` must be a `{native.__name__}` (the {model_type!r} family's model with its LM "
+                f"head), got `{type(base_model_or_path).__name__}`."
+            )
+        return base_model_or_path
+    return native.from_pretrained(base_model_or_path, **kwargs)
+
+
+def convert_base_model(base_model, tokenizer=None, vis_token: str = "<vis>", **config_overrides):
+    """A PerceptionGPT model of `base_model`'s family around its tensors, kept bit-identical.
 
     Args:
-        llava_model_or_path: the LLaVA model, or anything `LlavaForConditionalGeneration.from_pretrained` takes.
+        base_model: a loaded native model of a supported family (`load_base_model`).
         tokenizer: optional tokenizer (or processor with `.tokenizer`). `vis_token` is added to it in place as a named
             special token, and its id becomes `vis_token_id`. Without one, `<vis>` takes the next free id.
-        config_overrides: PerceptionGPTConfig fields (heads, loss weights, `fuse_llm_features`, ...).
+        config_overrides: perception config fields (heads, loss weights, `fuse_llm_features` on LLaVA, ...).
 
-    The new perception modules are freshly initialized; the embedding matrix (and an untied lm_head) grows by the
-    new rows only, initialized to the mean of the old rows.
+    The new perception modules are freshly initialized. The `<vis>` rows of the embedding matrix (and of an untied
+    lm_head) are the mean of the tokenizer's rows, also when `<vis>` fits in the padded vocabulary (Qwen: 151,665
+    tokens, 151,936 rows); the matrix grows only when it must.
     """
-    llava = llava_model_or_path
-    if not isinstance(llava, LlavaForConditionalGeneration):
-        llava = LlavaForConditionalGeneration.from_pretrained(llava_model_or_path)
-    vocab_size = llava.get_input_embeddings().weight.shape[0]
+    _, config_class, model_class = FAMILIES[base_model.config.model_type]
+    vocab_size = base_model.get_input_embeddings().weight.shape[0]
     if tokenizer is not None:
         # rows past the tokenizer are padding (llava-1.5-hf: 32,002 tokens, 32,064 rows): not part of the mean
         known_rows = min(vocab_size, len(getattr(tokenizer, "tokenizer", tokenizer)))
@@ -46,14 +81,14 @@ def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **
         new_vocab_size = max(vocab_size, len(getattr(tokenizer, "tokenizer", tokenizer)))
     else:
         known_rows, vis_token_id, new_vocab_size = vocab_size, vocab_size, vocab_size + 1
-    config_dict = llava.config.to_dict()
+    config_dict = base_model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         config_dict.pop(key, None)
     config_dict["text_config"]["vocab_size"] = new_vocab_size
-    config = PerceptionGPTConfig(**{**config_dict, "vis_token_id": vis_token_id, **config_overrides})
-    config._attn_implementation = llava.config._attn_implementation
+    config = config_class(**{**config_dict, "vis_token_id": vis_token_id, **config_overrides})
+    config._attn_implementation = base_model.config._attn_implementation
 
-    state = llava.state_dict()
+    state = base_model.state_dict()
     embed_key, head_key = "model.language_model.embed_tokens.weight", "lm_head.weight"
     for key in (embed_key, head_key):
         if key in state:
@@ -62,9 +97,17 @@ def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **
             rows = torch.cat([old, mean.expand(new_vocab_size - old.shape[0], -1)])  # new rows: the mean
             rows[vis_token_id] = mean[0]  # also when `<vis>` takes a padding row
             state[key] = rows
-    model = _assign_into_new_model(config, state, llava.device, llava.dtype)
-    model.generation_config = llava.generation_config
+    model = _assign_into_new_model(model_class, config, state, base_model.device, base_model.dtype)
+    model.generation_config = base_model.generation_config
     return model
+
+
+def from_llava(llava_model_or_path, tokenizer=None, vis_token: str = "<vis>", **config_overrides):
+    """`convert_base_model` for a `LlavaForConditionalGeneration` (or a path / repo id loadable as one)."""
+    llava = llava_model_or_path
+    if not isinstance(llava, LlavaForConditionalGeneration):
+        llava = LlavaForConditionalGeneration.from_pretrained(llava_model_or_path)
+    return convert_base_model(llava, tokenizer, vis_token, **config_overrides)
 
 
 def _materialize_meta_tensors(module, device, dtype) -> None:
@@ -80,18 +123,18 @@ def _materialize_meta_tensors(module, device, dtype) -> None:
             )
 
 
-def _assign_into_new_model(config, state, device, dtype):
+def _assign_into_new_model(model_class, config, state, device, dtype):
     """A PerceptionGPT built on the meta device around `state`'s tensors (`assign=True`: no second full model in
     memory, no init of what is loaded); only what `state` lacks (the heads, non-persistent buffers) is materialized
     on `device` and initialized by `_init_weights`."""
     with torch.device("meta"):
-        model = PerceptionGPTForConditionalGeneration(config)
+        model = model_class(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    new_modules = ("box_encoder", "mask_encoder", "feature_fusion", "box_decoder", "mask_decoder")
-    wrong = [key for key in missing if not any(name in key for name in new_modules)]
+    new_modules = (*PERCEPTION_MODULE_NAMES, "llm_feature_fusion")
+    wrong = [key for key in missing if key.split(".")[0] not in new_modules and ".llm_feature_fusion." not in key]
     if wrong or unexpected:
         raise ValueError(
-            f"`llava_model_or_path` does not match the PerceptionGPT layout: missing {wrong[:5]}, "
+            f"`base_model` does not match the {model_class.__name__} layout: missing {wrong[:5]}, "
             f"unexpected {unexpected[:5]}."
         )
     for module in model.modules():
@@ -107,4 +150,4 @@ def _assign_into_new_model(config, state, device, dtype):
     return model
 
 
-__all__ = ["from_llava"]
+__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "add_vis_token", "convert_base_model", "from_llava", "load_base_model"]

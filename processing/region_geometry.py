@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
-from transformers.image_utils import ChannelDimension, get_image_size_for_max_height_width
+from transformers.image_utils import ChannelDimension, SizeDict, get_image_size_for_max_height_width
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ def compute_image_geometry(
 
 def geometry_from_image_processor(image_processor, original_size: tuple[int, int]) -> ImageGeometry:
     """Read the geometry an image processor applies to an image of `original_size` (H, W) from its own settings."""
+    if hasattr(image_processor, "merge_size") and hasattr(image_processor, "temporal_patch_size"):
+        return _dynamic_resize_geometry(image_processor, original_size)
     do_pad = bool(getattr(image_processor, "do_pad", False))
     pad_to_square = do_pad and hasattr(image_processor, "pad_to_square")
     if do_pad and not pad_to_square:
@@ -113,6 +116,23 @@ def geometry_from_image_processor(image_processor, original_size: tuple[int, int
         crop_size=image_processor.crop_size if image_processor.do_center_crop else None,
         backend=getattr(image_processor, "backend", "pil"),
     )
+
+
+def _dynamic_resize_geometry(image_processor, original_size: tuple[int, int]) -> ImageGeometry:
+    """Qwen2-VL / Qwen2.5-VL: each image is resized to its own multiple of patch x merge pixels with about the same
+    aspect ratio and a bounded pixel count (`smart_resize`); that resized image is the frame."""
+    height, width = int(original_size[0]), int(original_size[1])
+    if not image_processor.do_resize:
+        return compute_image_geometry((height, width))
+    size = image_processor.size
+    new_height, new_width = smart_resize(
+        height,
+        width,
+        factor=image_processor.patch_size * image_processor.merge_size,
+        min_pixels=size.shortest_edge,
+        max_pixels=size.longest_edge,
+    )
+    return compute_image_geometry((height, width), resize_size=SizeDict(height=new_height, width=new_width))
 
 
 def _affine_params(geometry: ImageGeometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

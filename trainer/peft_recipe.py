@@ -1,5 +1,7 @@
 """PEFT recipe: LoRA on the language model; heads and fusion fully trained; the `<vis>` rows trainable."""
 
+import re
+
 from peft import LoraConfig, PeftModel
 
 
@@ -23,7 +25,7 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
     """The LoraConfig for `get_peft_model(model, lora_config(model))`.
 
     Args:
-        model: a PerceptionGPTForConditionalGeneration (its config gives `<vis>` and the fusion flag).
+        model: a PerceptionGPT model of any family (its config gives `<vis>`, its decoder the LoRA targets).
         preset: "paper" (q,v r=16 alpha=64 dropout 0.1) or "full" (all projections).
         whole_embedding: train the whole input embedding matrix, as the paper did, instead of only the `<vis>` rows.
         overrides: any LoraConfig field (e.g. r=8).
@@ -33,7 +35,7 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
     settings = dict(LORA_PRESETS[preset])
     projections = "|".join(settings.pop("projections"))
     modules_to_save = list(PERCEPTION_MODULES)
-    if model.config.fuse_llm_features:
+    if getattr(model.config, "fuse_llm_features", False):  # LLaVA's paper option
         modules_to_save.append("llm_feature_fusion")
     vis = model.config.vis_token_id
     trainable_tokens = {"lm_head": [vis]}  # `<vis>` must be predicted
@@ -42,12 +44,19 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
     else:
         trainable_tokens["embed_tokens"] = [vis]
     kwargs = dict(
-        target_modules=rf".*language_model.*\.({projections})",
+        target_modules=rf"{re.escape(decoder_path(model))}\..*\.({projections})",
         modules_to_save=modules_to_save,
         trainable_token_indices=trainable_tokens,
         **settings,
     )
     return LoraConfig(**{**kwargs, **overrides})
+
+
+def decoder_path(model) -> str:
+    """The module path of the family's language decoder (`get_decoder()`), e.g. "model.language_model": LoRA targets
+    its projections only, never the vision tower's."""
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder)
 
 
 def count_parameters(model) -> dict:
@@ -60,4 +69,4 @@ def count_parameters(model) -> dict:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
 
 
-__all__ = ["LORA_PRESETS", "PERCEPTION_MODULES", "count_parameters", "lora_config"]
+__all__ = ["LORA_PRESETS", "PERCEPTION_MODULES", "count_parameters", "decoder_path", "lora_config"]

@@ -1,0 +1,64 @@
+"""A PerceptionGPT processor around a family's own processor parts (`perceptiongpt.from_base`)."""
+
+from dataclasses import dataclass, field
+
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+
+from .processing_perceptiongpt import PerceptionGPTProcessor
+from .processing_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLProcessor
+
+
+# PerceptionGPT model_type -> its processor class, and the family processor's fields it keeps
+FAMILY_PROCESSORS = {
+    "perceptiongpt": (
+        PerceptionGPTProcessor,
+        ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"),
+    ),
+    "perceptiongpt_qwen2_5_vl": (PerceptionGPTQwen2_5_VLProcessor, ()),
+}
+
+
+@dataclass
+class ProcessorParts:
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: object = None
+    chat_template: str | None = None
+    fields: dict = field(default_factory=dict)
+
+
+def processor_parts(source) -> ProcessorParts:
+    """The tokenizer, image processor, chat template and settings of `source`: a processor, a tokenizer (no image
+    processor) or a path / repo id. A path loads its tokenizer and image processor separately, so a Qwen folder
+    loads without torchvision (its stock processor's video processor needs it)."""
+    if isinstance(source, ProcessorMixin):
+        fields = {name: getattr(source, name) for name in vars(source) if not name.startswith("_")}
+        return ProcessorParts(source.tokenizer, getattr(source, "image_processor", None), source.chat_template, fields)
+    if isinstance(source, PreTrainedTokenizerBase):
+        return ProcessorParts(source)
+    if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
+        raise TypeError(
+            f"`processor` must be a processor, a tokenizer or a path / repo id, got {type(source).__name__}."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return ProcessorParts(tokenizer, AutoImageProcessor.from_pretrained(source), tokenizer.chat_template)
+
+
+def build_family_processor(parts: ProcessorParts, config, image_position: str = "first"):
+    """The PerceptionGPT processor of `config`'s family from `parts` (whose tokenizer has `<vis>` already)."""
+    processor_class, kept = FAMILY_PROCESSORS[config.model_type]
+    if parts.image_processor is None:
+        raise ValueError(
+            f"`processor` must be the family's processor (or a path with its image processor) to build a "
+            f"{processor_class.__name__}; got only a tokenizer."
+        )
+    return processor_class(
+        image_processor=parts.image_processor,
+        tokenizer=parts.tokenizer,
+        chat_template=parts.chat_template,
+        mask_size=config.mask_head_config.mask_size,
+        image_position=image_position,
+        **{name: parts.fields[name] for name in kept if name in parts.fields},
+    )
+
+
+__all__ = ["FAMILY_PROCESSORS", "ProcessorParts", "build_family_processor", "processor_parts"]
