@@ -47,8 +47,11 @@ class PerceptionGPTQwen2_5_VLProcessor(PerceptionProcessorMixin, Qwen2_5_VLProce
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
         geometry_from_image_processor(self.image_processor, (28, 28))  # fail now on an unsupported image processor
 
-    def _process_videos(self, videos, **kwargs):
-        raise ValueError("`videos` are not supported: PerceptionGPT grounds objects in images.")
+    def __call__(self, images=None, text=None, boxes=None, masks=None, videos=None, **kwargs):
+        """`PerceptionProcessorMixin.__call__` (Qwen adds `image_grid_thw` and `mm_token_type_ids`); no videos."""
+        if videos is not None:
+            raise ValueError("`videos` are not supported: PerceptionGPT grounds objects in images.")
+        return super().__call__(images=images, text=text, boxes=boxes, masks=masks, **kwargs)
 
 
 PerceptionGPTQwen2_5_VLProcessor.register_for_auto_class("AutoProcessor")

@@ -1,0 +1,148 @@
+"""Qwen2.5-VL end to end without torchvision: from_base on a Hub-like folder, pixel boxes in and out, learning."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import AddedToken
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+import perceptiongpt
+from perceptiongpt import PerceptionGPTQwen2_5_VLProcessor
+from perceptiongpt.processing.tokenization_factory import build_tokenizer
+
+
+QWEN_TEMPLATE = (
+    "{%- for message in messages -%}<|im_start|>{{ message['role'] }}\n"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}<|vision_start|><image><|vision_end|>"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}<|im_end|>\n"
+    "{%- endfor -%}{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+PROMPT = "<|vision_start|><image><|vision_end|>Where is the square? <vis>"
+
+
+def _tokenizer():
+    """The byte-level tokenizer plus Qwen's video and vision start/end tokens (ids 262-264 of the tiny preset)."""
+    tokenizer = build_tokenizer()
+    names = ("<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>")
+    tokens = [AddedToken(name, special=True, normalized=False) for name in names]
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = QWEN_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    """A Hub-like Qwen2.5-VL folder: native weights, tokenizer, image processor; no video processor."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_qwen2_5_vl import native_config
+
+    folder = tmp_path_factory.mktemp("qwen")
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(native_config()).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=48 * 48
+    )
+    image_processor.save_pretrained(folder)
+    return folder
+
+
+def _image(height, width, box):
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    x1, y1, x2, y2 = box
+    pixels[y1:y2, x1:x2] = 255
+    return Image.fromarray(pixels)
+
+
+def test_from_base_on_a_folder_gives_the_family_processor(qwen_folder):
+    model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+    assert type(processor) is PerceptionGPTQwen2_5_VLProcessor
+    tokens = len(processor.tokenizer)  # 267: they fit in the 272-row vocabulary, no resize
+    assert model.config.vis_token_id == processor.vis_token_id == 5  # the byte-level tokenizer has `<vis>` at 5
+    embed, native = (
+        model.get_input_embeddings().weight,
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_folder),
+    )
+    assert embed.shape[0] == 272 and torch.equal(embed[6:], native.get_input_embeddings().weight[6:])
+    torch.testing.assert_close(embed[5], native.get_input_embeddings().weight[:tokens].mean(0), rtol=0, atol=1e-6)
+    assert processor.mask_size == model.config.mask_head_config.mask_size
+
+
+def test_boxes_round_trip_through_the_dynamic_resize(qwen_folder):
+    """A 30x50 image is resized to 32x48 (multiples of 8): boxes map into that frame and back within 0.5 px."""
+    _, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+    box = [5.0, 3.0, 21.0, 25.0]
+    out = processor(images=[_image(30, 50, (5, 3, 21, 25))], text=[PROMPT], boxes=[[box]], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 8, 12]] and (out["input_ids"] == 4).sum() == 24
+    assert torch.equal(out["mm_token_type_ids"], (out["input_ids"] == 4).long())
+    expected = torch.tensor([5 / 50, 3 / 30, 21 / 50, 25 / 30])
+    torch.testing.assert_close(out["vis_boxes"][0, 0], expected)
+    fake = type("Out", (), {})()
+    fake.sequences, fake.pred_boxes, fake.vis_scores = out["input_ids"], [out["vis_boxes"][0]], [torch.ones(1)]
+    fake.pred_masks, fake.prompt_length = None, out["input_ids"].shape[1]
+    pixel = processor.post_process_generation(fake, image_sizes=[(30, 50)])[0]["boxes"]
+    assert (pixel[0] - torch.tensor(box)).abs().max() <= 0.5
+
+
+def test_processor_saves_and_loads_without_a_video_processor(qwen_folder, tmp_path):
+    model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+    processor.image_position = "after_text"
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded) is PerceptionGPTQwen2_5_VLProcessor and getattr(reloaded, "video_processor", None) is None
+    assert reloaded.image_position == "after_text" and reloaded.mask_size == processor.mask_size
+    image = _image(30, 50, (5, 3, 21, 25))
+    a = processor(images=[image], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
+    b = reloaded(images=[image], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="`videos` are not supported"):
+        processor(videos=[np.zeros((2, 16, 16, 3), dtype=np.uint8)], text=["<|video_pad|>"])
+
+
+def test_generate_returns_pixel_boxes_on_the_original_image(qwen_folder):
+    model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+    model.eval()
+    with torch.no_grad():  # `<vis>` likely, so that boxes come out
+        model.lm_head.weight[processor.vis_token_id] = model.model.language_model.norm.weight * 3
+    image = _image(30, 50, (5, 3, 21, 25))
+    inputs = processor(images=[image], text=["<|vision_start|><image><|vision_end|>Find it:"], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    results = processor.post_process_generation(out, image_sizes=[(30, 50)])
+    assert len(results[0]["boxes"]) == len(out.pred_boxes[0]) >= 1
+    scale = torch.tensor([50, 30, 50, 30])
+    torch.testing.assert_close(results[0]["boxes"], out.pred_boxes[0] * scale, rtol=1e-5, atol=1e-4)
+    assert results[0]["masks"].shape == (len(out.pred_boxes[0]), 30, 50)
+
+
+def test_box_loss_falls_in_a_short_training_run(qwen_folder):
+    """A few hundred steps of synthetic REC (one white square per image) on the tiny Qwen2.5-VL."""
+    torch.manual_seed(0)
+    model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = np.random.default_rng(0)
+    losses = []
+    for _ in range(300):
+        images, boxes = [], []
+        for _ in range(4):
+            x1, y1 = int(g.integers(0, 28)), int(g.integers(0, 14))
+            w, h = int(g.integers(8, 20)), int(g.integers(6, 16))
+            images.append(_image(32, 48, (x1, y1, x1 + w, y1 + h)))
+            boxes.append([[x1, y1, x1 + w, y1 + h]])
+        batch = processor(images=images, text=[PROMPT] * 4, boxes=boxes, return_tensors="pt")
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, -1] = processor.vis_token_id  # the answer `<vis>`: its box is decoded from the state before it
+        out = model(**batch, labels=labels)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.box_l1_loss.item())
+    first, last = np.mean(losses[:30]), np.mean(losses[-30:])
+    assert last < 0.6 * first, (first, last)
