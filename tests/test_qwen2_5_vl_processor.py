@@ -146,3 +146,52 @@ def test_box_loss_falls_in_a_short_training_run(qwen_folder):
         losses.append(out.box_l1_loss.item())
     first, last = np.mean(losses[:30]), np.mean(losses[-30:])
     assert last < 0.6 * first, (first, last)
+
+
+_REMOTE = """
+import json, sys
+try:
+    import perceptiongpt  # noqa: F401
+    sys.exit("perceptiongpt must not be importable here")
+except ImportError:
+    pass
+import numpy as np
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+image = Image.fromarray(np.full((30, 50, 3), 128, dtype=np.uint8))
+inputs = processor(images=[image], text=[sys.argv[2]], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+result = processor.post_process_generation(out, image_sizes=[(30, 50)])[0]
+print(json.dumps({"modules": [type(processor).__module__, type(model).__module__],
+                  "sequence": out.sequences[0].tolist(), "boxes": result["boxes"].tolist()}))
+"""
+
+
+def test_model_and_processor_folder_load_as_remote_code(qwen_folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import BLOCK_PACKAGE, CROSS_PROCESS_TOLERANCE, subprocess_env
+
+    model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+    model.eval()
+    image = Image.fromarray(np.full((30, 50, 3), 128, dtype=np.uint8))
+    inputs = processor(images=[image], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
+    with torch.no_grad():  # `<vis>` generated right after the prompt, so that a box comes out
+        model.lm_head.weight[processor.vis_token_id] = model(**inputs).last_hidden_state[0, -1] * 10
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    command = [sys.executable, "-c", BLOCK_PACKAGE + _REMOTE, str(tmp_path / "model"), PROMPT]
+    env = subprocess_env(HF_MODULES_CACHE=str(tmp_path / "modules"))
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    remote = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert all(module.startswith("transformers_modules") for module in remote["modules"])
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    local = processor.post_process_generation(out, image_sizes=[(30, 50)])[0]
+    assert remote["sequence"] == out.sequences[0].tolist() and len(remote["boxes"]) == len(local["boxes"]) > 0
+    torch.testing.assert_close(torch.tensor(remote["boxes"]), local["boxes"], **CROSS_PROCESS_TOLERANCE)
