@@ -18,6 +18,8 @@ from .text_coordinates import COORDINATE_FORMATS, row_with_text_coordinates
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+PER_IMAGE_KEYS = ("image_grid_thw",)
+PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
 OVERFLOW_ACTIONS = ("raise", "drop")
 
 
@@ -162,7 +164,9 @@ class DataCollatorForPerceptionGPT:
             "input_ids": torch.full((batch_size, length), pad_id, dtype=torch.long),
             "attention_mask": torch.zeros((batch_size, length), dtype=torch.long),
             "labels": torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long),
-            "pixel_values": torch.cat([sample["pixel_values"] for sample in samples]),  # (B, 3, S, S)
+            "pixel_values": torch.cat(
+                [sample["pixel_values"] for sample in samples]
+            ),  # (B, 3, S, S) or Qwen's patches
             "vis_boxes": torch.full((batch_size, slots, 4), float("nan")),  # (B, K, 4)
         }
         with_masks = any("vis_masks" in sample for sample in samples)
@@ -170,6 +174,14 @@ class DataCollatorForPerceptionGPT:
             size = self.processor.mask_size
             batch["vis_masks"] = torch.zeros((batch_size, slots, size, size), dtype=torch.bool)  # (B, K, m, m)
             batch["vis_mask_valid"] = torch.zeros((batch_size, slots), dtype=torch.bool)  # (B, K)
+        for key in PER_IMAGE_KEYS:  # the family's per-image inputs (Qwen's patch grids), in image order
+            if key in samples[0]:
+                batch[key] = torch.cat([sample[key] for sample in samples])
+        for key in PER_TOKEN_KEYS:  # and its per-token inputs, right-padded with 0 (text)
+            if key in samples[0]:
+                batch[key] = torch.zeros((batch_size, length), dtype=samples[0][key].dtype)
+                for row, sample in enumerate(samples):
+                    batch[key][row, : sample[key].shape[1]] = sample[key][0]
         for row, sample in enumerate(samples):
             n_tokens, n_slots = sample["input_ids"].shape[1], sample["vis_boxes"].shape[1]
             batch["input_ids"][row, :n_tokens] = sample["input_ids"][0]

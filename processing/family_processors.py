@@ -6,15 +6,18 @@ from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerB
 
 from .processing_perceptiongpt import PerceptionGPTProcessor
 from .processing_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLProcessor
+from .templates import CHAT_TEMPLATE, QWEN2_5_VL_CHAT_TEMPLATE
 
 
-# PerceptionGPT model_type -> its processor class, and the family processor's fields it keeps
+# PerceptionGPT model_type -> its processor class, the family processor's fields it keeps, and the chat template
+# used when the given one has no `generation` block (the collator's labels need it)
 FAMILY_PROCESSORS = {
     "perceptiongpt": (
         PerceptionGPTProcessor,
         ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"),
+        CHAT_TEMPLATE,
     ),
-    "perceptiongpt_qwen2_5_vl": (PerceptionGPTQwen2_5_VLProcessor, ()),
+    "perceptiongpt_qwen2_5_vl": (PerceptionGPTQwen2_5_VLProcessor, (), QWEN2_5_VL_CHAT_TEMPLATE),
 }
 
 
@@ -44,8 +47,13 @@ def processor_parts(source) -> ProcessorParts:
 
 
 def build_family_processor(parts: ProcessorParts, config, image_position: str = "first"):
-    """The PerceptionGPT processor of `config`'s family from `parts` (whose tokenizer has `<vis>` already)."""
-    processor_class, kept = FAMILY_PROCESSORS[config.model_type]
+    """The PerceptionGPT processor of `config`'s family from `parts` (whose tokenizer has `<vis>` already). A chat
+    template without a `generation` block (LLaVA-1.5's, Qwen2.5-VL's) is replaced by the family's marked one, which
+    renders the same layout."""
+    processor_class, kept, marked_template = FAMILY_PROCESSORS[config.model_type]
+    template = parts.chat_template
+    if template is None or "{% generation %}" not in template:
+        template = marked_template
     if parts.image_processor is None:
         raise ValueError(
             f"`processor` must be the family's processor (or a path with its image processor) to build a "
@@ -54,7 +62,7 @@ def build_family_processor(parts: ProcessorParts, config, image_position: str = 
     return processor_class(
         image_processor=parts.image_processor,
         tokenizer=parts.tokenizer,
-        chat_template=parts.chat_template,
+        chat_template=template,
         mask_size=config.mask_head_config.mask_size,
         image_position=image_position,
         **{name: parts.fields[name] for name in kept if name in parts.fields},

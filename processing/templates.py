@@ -37,6 +37,30 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
+# Qwen2.5-VL's ChatML layout ("<|im_start|>role\n...<|im_end|>\n", the default system turn, an image part as
+# "<|vision_start|><|image_pad|><|vision_end|>") with the assistant answer marked by a `generation` block, which Qwen's
+# own template lacks and the collator's labels need. `image_token` is the tokenizer's named one when it has it.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' -%}{% generation %}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{%- for part in parts -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|>' + (image_token | default('<|image_pad|>')) + '<|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{{ '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
 # Where the image goes in the first user turn: part of the model (stored on the processor, saved with it).
 IMAGE_POSITIONS = ("first", "after_text")
 TASKS = ("rec", "res", "reg", "multi", "caption")
@@ -177,4 +201,11 @@ def template_corpus() -> list[str]:
     return texts
 
 
-__all__ = ["CHAT_TEMPLATE", "TASKS", "TASK_TEMPLATES", "build_task_messages", "template_corpus"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "QWEN2_5_VL_CHAT_TEMPLATE",
+    "TASKS",
+    "TASK_TEMPLATES",
+    "build_task_messages",
+    "template_corpus",
+]

@@ -96,3 +96,35 @@ def test_from_llava_gives_vis_the_mean_row_inside_a_padded_vocabulary():
     assert vis == 10 and model.config.text_config.vocab_size == 262  # no new row: `<vis>` takes a padding row
     rows = llava.get_input_embeddings().weight[:10]
     torch.testing.assert_close(model.get_input_embeddings().weight[vis], rows.mean(0))
+
+
+def test_from_base_wraps_the_llava_processor():
+    from PIL import Image
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from perceptiongpt import PerceptionGPTProcessor, from_base
+    from perceptiongpt.processing.tokenization_factory import build_tokenizer
+
+    image_processor = LlavaImageProcessorPil(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16})
+    image_processor.do_center_crop = False
+    llava_processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer("char"),
+        patch_size=4,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+    )
+    model, processor = from_base(_tiny_llava(), processor=llava_processor)
+    assert type(processor) is PerceptionGPTProcessor and processor.vis_token_id == model.config.vis_token_id == 5
+    assert processor.patch_size == 4 and "{% generation %}" in processor.chat_template  # the collator's labels
+    inputs = processor(
+        images=[Image.new("RGB", (32, 16))],
+        text=["USER: <image>\n<vis> ASSISTANT:"],
+        boxes=[[[0, 0, 16, 8]]],
+        return_tensors="pt",
+    )
+    assert (inputs["input_ids"] == 4).sum() == 16
+    torch.testing.assert_close(inputs["vis_boxes"][0, 0], torch.tensor([0.0, 0.0, 0.5, 0.5]))  # squashed to 16x16
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape

@@ -195,3 +195,50 @@ def test_model_and_processor_folder_load_as_remote_code(qwen_folder, tmp_path):
     local = processor.post_process_generation(out, image_sizes=[(30, 50)])[0]
     assert remote["sequence"] == out.sequences[0].tolist() and len(remote["boxes"]) == len(local["boxes"]) > 0
     torch.testing.assert_close(torch.tensor(remote["boxes"]), local["boxes"], **CROSS_PROCESS_TOLERANCE)
+
+
+def test_collator_and_trainer_accumulation_match_one_big_batch(qwen_folder, tmp_path):
+    """The collator keeps Qwen's patch grids and token types and labels only the answer (the marked template); under
+    PerceptionGPTTrainer, batch 4 == 2 x batch 2 with gradient accumulation (SGD), though Qwen's own class sets
+    `accepts_loss_kwargs = False`."""
+    from transformers import TrainingArguments
+
+    from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
+    from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
+    from perceptiongpt.trainer import PerceptionGPTTrainer
+
+    rows = build_synthetic_dataset(SyntheticConfig.demo(), "train", 8, seed=0)
+    finals = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+        collator = DataCollatorForPerceptionGPT(processor)
+        batch = collator([rows[0], rows[1]])
+        assert batch["image_grid_thw"].shape == (2, 3) and torch.equal(
+            batch["mm_token_type_ids"], (batch["input_ids"] == 4).long()
+        )
+        answer = batch["labels"][0][batch["labels"][0] != -100]
+        assert processor.vis_token_id in answer.tolist() and 4 not in answer.tolist()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"out{accumulation}"),
+            max_steps=2,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=1e-2,
+            optim="sgd",
+            save_strategy="no",
+            report_to=[],
+            remove_unused_columns=False,
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            lr_scheduler_type="constant",
+            dataloader_drop_last=True,
+        )
+        trainer = PerceptionGPTTrainer(
+            model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor
+        )
+        trainer.train()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    worst = max((finals[0][n] - finals[1][n]).abs().max().item() for n in finals[0])
+    assert worst < 1e-6
