@@ -85,6 +85,11 @@ def _slots_from(regions: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     return torch.where(inside.view_as(index), taken, empty)
 
 
+class SuppressModalityTokens(SuppressTokensLogitsProcessor):
+    """Its own type: generate() drops a custom processor's default twin, so a plain `SuppressTokensLogitsProcessor`
+    would silently replace the caller's `suppress_tokens`."""
+
+
 _UNSUPPORTED = {
     "assistant_model": "assisted decoding",
     "prompt_lookup_num_tokens": "prompt-lookup (speculative) decoding",
@@ -126,7 +131,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": images}
         processors = LogitsProcessorList(logits_processor or [])
         # never sample a modality placeholder: its features would be missing, or found by embedding (LLaVA)
-        processors.append(SuppressTokensLogitsProcessor(self.config.suppressed_token_ids, device=self.device))
+        processors.append(SuppressModalityTokens(self.config.suppressed_token_ids, device=self.device))
         out = super().generate(
             inputs=inputs,
             generation_config=generation_config,

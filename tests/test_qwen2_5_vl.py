@@ -337,3 +337,30 @@ def test_lora_trains_only_decoder_targets_heads_and_vis_rows(qwen_model):
     assert any("lora_B" in n for n in trained) and any("box_decoder" in n for n in trained)
     assert all(p.requires_grad for n, p in peft_model.named_parameters() if n in trained)
     assert not any("visual" in n for n in trained)
+
+
+def test_text_only_prompts_and_vis_at_the_last_step(qwen_model):
+    """No image: boxes still come (masks None); a `<vis>` produced by the final step still gets its box."""
+    inputs, boxes = qwen_rows(vis_at=((20,), ()))
+    text_only = {"input_ids": torch.randint(10, 200, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    kwargs = dict(do_sample=False, return_dict_in_generate=True)
+    out = qwen_model.generate(**text_only, max_new_tokens=6, **kwargs)
+    assert out.pred_masks == [None, None] and sum(len(b) for b in out.pred_boxes) > 0
+    with torch.no_grad():
+        forced = qwen_model(input_ids=out.sequences, vis_boxes=_generated_slots(out, 12))
+    for r, positions in enumerate(out.vis_positions):
+        hidden = forced.last_hidden_state[r, positions - 1]  # (n, D)
+        torch.testing.assert_close(qwen_model.decode_regions(hidden)[0].boxes, out.pred_boxes[r], rtol=0, atol=1e-6)
+    others = [i for i in range(qwen_model.config.text_config.vocab_size) if i != VIS]  # only `<vis>` can come
+    last = qwen_model.generate(**inputs, vis_boxes=boxes, max_new_tokens=3, suppress_tokens=others, **kwargs)
+    assert (last.sequences[:, -1] == VIS).all() and last.vis_positions[0][-1] == last.sequences.shape[1] - 1
+    err, mask_err, count = _teacher_forced_errors(qwen_model, last, inputs, boxes)
+    assert count == 6 and err < 1e-6 and mask_err < 1e-5
+
+
+def _generated_slots(out, prompt):
+    """(rows, K, 4) boxes of every row's `<vis>` slots: the generated ones from `out` (text-only prompts hold none)."""
+    slots = torch.full((out.sequences.shape[0], max(len(b) for b in out.pred_boxes), 4), NAN)
+    for r, b in enumerate(out.pred_boxes):
+        slots[r, : len(b)] = b
+    return slots
