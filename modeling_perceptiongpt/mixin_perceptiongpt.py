@@ -11,9 +11,6 @@ predicts `<vis>`); its input embedding carries a region: a prompt mask through t
 Shapes: B batch, T tokens, K slots, N selected slots, D text hidden, g mask-grid side, C ViT width, S mask side.
 """
 
-import contextvars
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +23,7 @@ from transformers.utils.generic import can_return_tuple
 from .box_decoders_perceptiongpt import BOX_DECODERS, build_box_decoder
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
 from .heads_perceptiongpt import BoxEncoder, LayerFusion, MaskEncoder
+from .injection_perceptiongpt import REGIONS_IN_FLIGHT, RegionInjection, inject_regions
 from .losses_perceptiongpt import box_losses, mask_bce_loss_sum, mask_dice_loss_sum
 from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
 from .region_inputs import (
@@ -70,38 +68,6 @@ class PerceptionGPTCausalLMOutput(MultimodalCausalLMOutputWithPast):
     image_token_states: torch.FloatTensor | None = None
 
 
-# The regions of the forward in progress, for the decoder's pre-hook: set and reset by `PerceptionGPTMixin.forward`
-# (no closure over the model, so deepcopy and PEFT wrapping keep working).
-_REGIONS_IN_FLIGHT = contextvars.ContextVar("perceptiongpt_regions", default=None)
-
-
-def _inject_regions(decoder, args, kwargs):
-    """Forward pre-hook of the decoder: writes the call's region embeddings into `inputs_embeds` (B, T, D)."""
-    if is_torchdynamo_compiling():  # a traced step embeds its boxes before the base model (`forward`)
-        return None
-    inject = _REGIONS_IN_FLIGHT.get()
-    if inject is None:
-        return None
-    embeds = kwargs.get("inputs_embeds")
-    if embeds is None or tuple(embeds.shape[:2]) != tuple(inject.input_ids.shape):
-        got = None if embeds is None else tuple(embeds.shape[:2])
-        raise ValueError(
-            f"The decoder got `inputs_embeds` of (B, T) {got}, not the (B, T) {tuple(inject.input_ids.shape)} of "
-            "`input_ids`: this family calls its decoder in a way the `<vis>` region injection does not support."
-        )
-    kwargs["inputs_embeds"] = inject(embeds)
-    return args, kwargs
-
-
-class _RegionInjection:
-    def __init__(self, model, input_ids, vis_boxes, vis_masks, vis_mask_valid, vis_is_target):
-        self.model, self.input_ids = model, input_ids
-        self.regions = (vis_boxes, vis_masks, vis_mask_valid, vis_is_target)
-
-    def __call__(self, inputs_embeds):
-        return self.model.embed_regions(self.input_ids, inputs_embeds, *self.regions)
-
-
 class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
     """Heads, region injection, losses and grounded generation; placed before the native class in the bases."""
 
@@ -122,7 +88,7 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         self.mask_feature_fusion = LayerFusion(config.vision_fusion_layers)
         self.box_decoder = build_box_decoder(config.box_head_config, text_hidden, vision_hidden_size, grid)
         self.mask_decoder = MaskDecoder(config.mask_head_config, text_hidden, vision_hidden_size, grid)
-        self.get_decoder().register_forward_pre_hook(_inject_regions, with_kwargs=True)
+        self.get_decoder().register_forward_pre_hook(inject_regions, with_kwargs=True)
 
     def _init_weights(self, module):
         if getattr(module, "zero_init", False):  # e.g. the box decoder's output layer, as in the paper
@@ -205,6 +171,13 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         outputs.mask_features = self.mask_feature_fusion(self.vision_layer_grids(outputs, image_kwargs))
         return outputs
 
+    def _encoded_images(self, pixel_values, mm_encoder_outputs, kwargs):
+        """`mm_encoder_outputs` with the images of `pixel_values` encoded by `encode_images`, for the family forward."""
+        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs['image']`, not both.")
+        image_kwargs = {name: kwargs[name] for name in self._image_encoder_kwargs if kwargs.get(name) is not None}
+        return {**(mm_encoder_outputs or {}), "image": self.encode_images(pixel_values, **image_kwargs)}
+
     def vis_targets(self, input_ids, labels, vis_boxes, vis_mask_valid=None):
         """`region_inputs.vis_targets` with this family's image placeholders (rows, cols, slots, has_box, has_mask)."""
         image_index = image_index_per_token(self.image_starts(input_ids))
@@ -250,23 +223,17 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
             raise ValueError("`vis_boxes`/`vis_masks` need `input_ids` to locate the `<vis>` tokens.")
         vis_is_target = self._check_labels(labels, vis_boxes, num_vis_in_batch, kwargs)
         if pixel_values is not None:
-            if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-                raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs['image']`, not both.")
-            image_kwargs = {name: kwargs[name] for name in self._image_encoder_kwargs if kwargs.get(name) is not None}
-            mm_encoder_outputs = {
-                **(mm_encoder_outputs or {}),
-                "image": self.encode_images(pixel_values, **image_kwargs),
-            }
+            mm_encoder_outputs = self._encoded_images(pixel_values, mm_encoder_outputs, kwargs)
         inject = None
         if input_ids is not None and (vis_boxes is not None or vis_masks is not None):
-            inject = _RegionInjection(self, input_ids, vis_boxes, vis_masks, vis_mask_valid, vis_is_target)
-        token = _REGIONS_IN_FLIGHT.set(inject)
+            inject = RegionInjection(self, input_ids, vis_boxes, vis_masks, vis_mask_valid, vis_is_target)
+        token = REGIONS_IN_FLIGHT.set(inject)
         try:
             result, hidden = self._lm_forward(
                 input_ids, inputs_embeds, labels, logits_to_keep, mm_encoder_outputs, kwargs
             )
         finally:
-            _REGIONS_IN_FLIGHT.reset(token)
+            REGIONS_IN_FLIGHT.reset(token)
         if result.image_outputs is not None and input_ids is not None and self.box_decoder.reads_llm_image_states:
             result.image_token_states = self.image_token_grids(input_ids, hidden, result.image_outputs)
         if labels is None:
@@ -393,29 +360,8 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         raise NotImplementedError
 
 
-def forward_with_native_signature(native_cls):
-    """`PerceptionGPTMixin.forward` advertising the native forward's parameters as well as its own: generate() and
-    the Trainer inspect the signature (which inputs to build, validate and keep). Only `input_ids` is positional."""
-    ours = inspect.signature(PerceptionGPTMixin.forward).parameters
-    native = inspect.signature(native_cls.forward).parameters
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    names = [name for name in native if name not in ("self", "input_ids", "kwargs")]
-    names += [name for name in ours if name not in names and name not in ("self", "input_ids", "kwargs")]
-    parameters = [ours["self"], ours["input_ids"]]
-    parameters += [(native.get(name) or ours[name]).replace(kind=keyword) for name in names]
-    parameters.append(ours["kwargs"])
-
-    @functools.wraps(PerceptionGPTMixin.forward)
-    def forward(self, input_ids=None, **kwargs):
-        return PerceptionGPTMixin.forward(self, input_ids, **kwargs)
-
-    forward.__signature__ = inspect.Signature(parameters)
-    return forward
-
-
 __all__ = [
     "PERCEPTION_MODULE_NAMES",
     "PerceptionGPTCausalLMOutput",
     "PerceptionGPTMixin",
-    "forward_with_native_signature",
 ]

@@ -19,13 +19,9 @@ from transformers.utils.versions import require_version
 
 from .configuration_perceptiongpt import PerceptionGPTConfig
 from .heads_perceptiongpt import LayerFusion
+from .injection_perceptiongpt import forward_with_native_signature
 from .loading_perceptiongpt import PerceptionGPTLoadingMixin, preferred_attn_implementation
-from .mixin_perceptiongpt import (
-    PERCEPTION_MODULE_NAMES,
-    PerceptionGPTCausalLMOutput,
-    PerceptionGPTMixin,
-    forward_with_native_signature,
-)
+from .mixin_perceptiongpt import PERCEPTION_MODULE_NAMES, PerceptionGPTCausalLMOutput, PerceptionGPTMixin
 from .region_inputs import image_starts_by_count
 
 
@@ -106,7 +102,7 @@ class PerceptionGPTForConditionalGeneration(
 
     _image_encoder_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
 
-    forward = forward_with_native_signature(LlavaForConditionalGeneration)
+    forward = forward_with_native_signature(LlavaForConditionalGeneration, PerceptionGPTMixin.forward)
 
     def image_starts(self, input_ids):
         return image_starts_by_count(input_ids, self.config.image_token_id, self.config.num_image_tokens)

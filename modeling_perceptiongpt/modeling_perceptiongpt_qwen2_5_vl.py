@@ -15,8 +15,9 @@ from transformers.utils.versions import require_version
 from transformers.vision_utils import get_vision_window_index
 
 from .configuration_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLConfig
+from .injection_perceptiongpt import forward_with_native_signature
 from .loading_perceptiongpt import PerceptionGPTLoadingMixin
-from .mixin_perceptiongpt import PerceptionGPTMixin, forward_with_native_signature
+from .mixin_perceptiongpt import PerceptionGPTMixin
 from .region_inputs import image_starts_by_run
 
 
@@ -49,7 +50,7 @@ class PerceptionGPTQwen2_5_VLForConditionalGeneration(
         outputs.image_grid_thw = image_grid_thw  # for `image_token_grids`
         return outputs
 
-    forward = forward_with_native_signature(Qwen2_5_VLForConditionalGeneration)
+    forward = forward_with_native_signature(Qwen2_5_VLForConditionalGeneration, PerceptionGPTMixin.forward)
 
     def image_starts(self, input_ids):
         return image_starts_by_run(input_ids, self.config.image_token_id)
