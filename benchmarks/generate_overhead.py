@@ -1,16 +1,18 @@
-"""generate() overhead of PerceptionGPT (heads + box feedback) against plain LLaVA on the same weights.
+"""generate() overhead of PerceptionGPT (heads + box feedback) against the native family model on the same weights.
 
-Interleaved runs, medians, 64 new tokens, batch 1 and 8, on a model big enough to matter on CPU
-(text hidden 512, 8 layers). Two PerceptionGPT workloads: "no_vis" (the hooks only) and "vis_every_step"
-(`<vis>` forced at every step, so every step decodes a box and a mask and feeds the box back: the worst case).
+Interleaved runs, medians, 64 new tokens, batch 1 and 8, on a model big enough to matter on CPU (text hidden 512,
+8 layers, vocabulary 1024; LLaVA: the demo's CLIP, 36 image tokens; Qwen2.5-VL: a 4-block ViT of width 96 on a 12x12
+patch grid, 36 image tokens). Two PerceptionGPT workloads: "no_vis" (the hooks only) and "vis_every_step" (`<vis>`
+forced at every step, so every step decodes a box and feeds it back, and every returned one gets a mask: the worst
+case).
 
-    python benchmarks/generate_overhead.py [--repeats 5] [--threads 2]
+    python benchmarks/generate_overhead.py [--family llava|qwen2_5_vl] [--repeats 5] [--threads 2]
 
 Also the footprint of generate()'s per-`<vis>` records for 64 new tokens x 4 beams with a `<vis>` every step, at two
 prompt lengths: as stored (key = generated suffix, value = box + hidden state) and, for the same records, what the
 earlier layout held (key = the whole prefix, value = box + an S x S mask).
 
-Writes benchmarks/results/generate_overhead.json.
+Writes benchmarks/results/generate_overhead.json (LLaVA) or generate_overhead_<family>.json.
 """
 
 import argparse
@@ -21,12 +23,24 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
-from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
+from perceptiongpt import (
+    PerceptionGPTConfig,
+    PerceptionGPTForConditionalGeneration,
+    PerceptionGPTQwen2_5_VLConfig,
+    PerceptionGPTQwen2_5_VLForConditionalGeneration,
+)
 
 
-RESULTS = Path(__file__).parent / "results" / "generate_overhead.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 class ForceToken(LogitsProcessor):
@@ -39,40 +53,75 @@ class ForceToken(LogitsProcessor):
         return scores
 
 
-def build_models():
-    config = PerceptionGPTConfig.from_preset(
-        "demo",
-        text_config={
-            "hidden_size": 512,
-            "intermediate_size": 1024,
-            "num_hidden_layers": 8,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 8,
-            "vocab_size": 1024,
-        },
-    )
+TEXT = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8}
+QWEN_IMAGE_GRID = (1, 12, 12)  # 8 px patches, 2x2 merge: 36 LLM image tokens, as the LLaVA demo's 6x6 grid
+
+
+def build_llava():
+    text = {**TEXT, "num_key_value_heads": 8, "vocab_size": 1024}
+    config = PerceptionGPTConfig.from_preset("demo", text_config=text)
     torch.manual_seed(0)
     model = PerceptionGPTForConditionalGeneration(config).eval()
-    llava_config = LlavaConfig(
-        **{
-            k: v
-            for k, v in config.to_dict().items()
-            if k in LlavaConfig.__dataclass_fields__ and k not in ("model_type",)
-        }
+    fields = {k: v for k, v in config.to_dict().items() if k in LlavaConfig.__dataclass_fields__ and k != "model_type"}
+    return model, LlavaForConditionalGeneration(LlavaConfig(**fields)).eval(), config
+
+
+def build_qwen2_5_vl():
+    demo = PerceptionGPTConfig.from_preset("demo")
+    vision = {"depth": 4, "hidden_size": 96, "intermediate_size": 192, "num_heads": 4, "patch_size": 8}
+    vision.update(spatial_merge_size=2, window_size=32, fullatt_block_indexes=[3], out_hidden_size=TEXT["hidden_size"])
+    text = {**TEXT, "num_key_value_heads": 8, "vocab_size": 1024, "rope_parameters": {"mrope_section": [8, 12, 12]}}
+    ids = {"image_token_id": 1000, "video_token_id": 1001, "vision_start_token_id": 1002, "vision_end_token_id": 1003}
+    native_config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+    config = PerceptionGPTQwen2_5_VLConfig(
+        **{**native_config.to_dict(), "model_type": None},
+        vis_token_id=1004,
+        mask_grid_size=demo.patch_grid_size,
+        box_head_config=demo.box_head_config.to_dict(),
+        mask_head_config=demo.mask_head_config.to_dict(),
     )
-    llava = LlavaForConditionalGeneration(llava_config).eval()
-    missing, unexpected = llava.load_state_dict(model.state_dict(), strict=False)
+    torch.manual_seed(0)
+    model = PerceptionGPTQwen2_5_VLForConditionalGeneration(config).eval()
+    return model, Qwen2_5_VLForConditionalGeneration(native_config).eval(), config
+
+
+FAMILIES = {"llava": build_llava, "qwen2_5_vl": build_qwen2_5_vl}
+
+
+def build_models(family):
+    """The PerceptionGPT model, the native model holding the same weights, and the PerceptionGPT config."""
+    model, native, config = FAMILIES[family]()
+    missing, _ = native.load_state_dict(model.state_dict(), strict=False)
     if missing:
-        raise RuntimeError(f"LLaVA is missing weights: {missing[:5]}")
-    return model, llava, config
+        raise RuntimeError(f"The native model is missing weights: {missing[:5]}")
+    return model, native, config
 
 
 def inputs_for(config, batch):
+    """`batch` rows of 20 text tokens around one image each, with the family's image inputs."""
     g = torch.Generator().manual_seed(batch)
-    ids = torch.randint(10, 1000, (batch, 20 + config.num_image_tokens), generator=g)
-    ids[:, 5 : 5 + config.num_image_tokens] = config.image_token_id
-    pixels = torch.randn(batch, 3, config.vision_config.image_size, config.vision_config.image_size, generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    if config.model_type == "perceptiongpt":
+        tokens, side = config.num_image_tokens, config.vision_config.image_size
+        ids = torch.randint(10, 1000, (batch, 20 + tokens), generator=g)
+        ids[:, 5 : 5 + tokens] = config.image_token_id
+        pixels = torch.randn(batch, 3, side, side, generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    t, h, w = QWEN_IMAGE_GRID
+    tokens = t * h * w // 4
+    ids = torch.randint(10, 1000, (batch, 22 + tokens), generator=g)
+    ids[:, 5], ids[:, 6 : 6 + tokens], ids[:, 6 + tokens] = (
+        config.vision_start_token_id,
+        config.image_token_id,
+        config.vision_end_token_id,
+    )
+    patch = config.vision_config.patch_size
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(batch * t * h * w, 3 * 2 * patch * patch, generator=g),
+        "image_grid_thw": torch.tensor([QWEN_IMAGE_GRID] * batch),
+        "mm_token_type_ids": (ids == config.image_token_id).long(),
+    }
 
 
 def timed(model, inputs, new_tokens, processors):
@@ -130,15 +179,17 @@ def records_footprint(model, config, prompt_extra, new_tokens, beams=4):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="the VLM family")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per workload and batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, llava, config = build_models()
+    model, native, config = build_models(args.family)
     force_vis = LogitsProcessorList([ForceToken(config.vis_token_id)])
     block_vis = LogitsProcessorList([ForceToken(7)])  # a fixed ordinary token: same work, no `<vis>`
     results = {
+        "family": args.family,
         "device": platform.processor() or platform.machine(),
         "threads": args.threads,
         "new_tokens": args.new_tokens,
@@ -148,11 +199,11 @@ def main():
     }
     for batch in (1, 8):
         inputs = inputs_for(config, batch)
-        times = {"llava": [], "pgpt_no_vis": [], "pgpt_vis_every_step": []}
-        for model_ref, procs in ((llava, block_vis), (model, block_vis), (model, force_vis)):  # warm-up
+        times = {"native": [], "pgpt_no_vis": [], "pgpt_vis_every_step": []}
+        for model_ref, procs in ((native, block_vis), (model, block_vis), (model, force_vis)):  # warm-up
             timed(model_ref, inputs, 4, procs)
         for _ in range(args.repeats):
-            times["llava"].append(timed(llava, inputs, args.new_tokens, block_vis)[0])
+            times["native"].append(timed(native, inputs, args.new_tokens, block_vis)[0])
             times["pgpt_no_vis"].append(timed(model, inputs, args.new_tokens, block_vis)[0])
             elapsed, out = timed(model, inputs, args.new_tokens, force_vis)
             times["pgpt_vis_every_step"].append(elapsed)
@@ -160,8 +211,8 @@ def main():
         medians = {name: statistics.median(values) for name, values in times.items()}
         results["batches"][str(batch)] = {
             "median_seconds": medians,
-            "ratio_no_vis": medians["pgpt_no_vis"] / medians["llava"],
-            "ratio_vis_every_step": medians["pgpt_vis_every_step"] / medians["llava"],
+            "ratio_no_vis": medians["pgpt_no_vis"] / medians["native"],
+            "ratio_vis_every_step": medians["pgpt_vis_every_step"] / medians["native"],
             "boxes_decoded_per_run": boxes,
             "raw_seconds": times,
         }
@@ -173,8 +224,9 @@ def main():
         )
     results["records"] = [records_footprint(model, config, extra, args.new_tokens) for extra in (0, 512)]
     print(json.dumps(results["records"]))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    name = "generate_overhead.json" if args.family == "llava" else f"generate_overhead_{args.family}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class PerceptionGPTQwen2_5_VLForConditionalGeneration(
 
     def image_token_grids(self, input_ids, hidden, image_outputs):
         merge = self.config.vision_config.spatial_merge_size
-        grid_thw = image_outputs.image_grid_thw  # (N_img, 3)
+        grid_thw = self._grids_of_rows(input_ids, image_outputs.image_grid_thw)  # (N_img, 3)
         states = hidden[input_ids == self.config.image_token_id]  # (sum of tokens, D), in image order
         sizes = (grid_thw.prod(-1) // merge**2).tolist()
         grids = [
@@ -83,6 +83,23 @@ class PerceptionGPTQwen2_5_VLForConditionalGeneration(
             for image, (t, h, w) in zip(states.split(sizes), grid_thw.tolist())
         ]
         return torch.stack(grids)  # (N_img, g*g, D)
+
+    def _grids_of_rows(self, input_ids, grid_thw):
+        """The (t, h, w) of every image placeholder run in `input_ids`, in order. generate() repeats each sample's
+        images for its beams / returned sequences (consecutive rows) in the LLM features only, not in `grid_thw`."""
+        per_row = image_starts_by_run(input_ids, self.config.image_token_id).sum(-1).tolist()  # images per row
+        total = sum(per_row)
+        if total == len(grid_thw):
+            return grid_thw
+        if not grid_thw.numel() or total % len(grid_thw):
+            raise ValueError(f"`input_ids` hold {total} images but `image_grid_thw` describes {len(grid_thw)}.")
+        copies = total // len(grid_thw)
+        grids, first = [], 0
+        for sample in range(len(per_row) // copies):
+            count = per_row[sample * copies]
+            grids += [grid_thw[first : first + count]] * copies
+            first += count
+        return torch.cat(grids)
 
 
 # Checkpoint renames are looked up by class name and skipped for custom classes: without this, a Hub-layout Qwen2.5-VL

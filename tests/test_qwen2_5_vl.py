@@ -177,7 +177,9 @@ def _teacher_forced_errors(model, out, inputs, boxes):
         for j, p in enumerate(out.vis_positions[r].tolist()):
             hidden = tf.last_hidden_state[r, p - 1][None]
             features = tf.image_outputs.mask_features[r][None]
-            box, masks = model.decode_regions(hidden, features, torch.tensor([True]), torch.tensor([True]))
+            states = None if tf.image_token_states is None else tf.image_token_states[r][None]
+            has_image = torch.tensor([True])
+            box, masks = model.decode_regions(hidden, features, has_image, has_image, states)
             err = max(err, (box.boxes[0] - out.pred_boxes[r][j]).abs().max().item())
             scale = masks[0].abs().max().clamp(min=1)
             mask_err = max(mask_err, ((masks[0] - out.pred_masks[r][j]).abs().max() / scale).item())
@@ -194,8 +196,18 @@ MODES = {
 }
 
 
+@pytest.mark.parametrize("box_head", ["mlp", "query_llm"])
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_generated_boxes_and_masks_match_teacher_forcing(qwen_model, mode):
+def test_generated_boxes_and_masks_match_teacher_forcing(qwen_model, mode, box_head):
+    """Also with the default head, which reads the LLM's image states (each sample's images repeated per beam)."""
+    if box_head == "query_llm":
+        torch.manual_seed(0)
+        config = PerceptionGPTQwen2_5_VLConfig.from_preset(
+            "tiny", box_head_config={"decoder_type": "query", "query_source": "llm"}
+        )
+        qwen_model = PerceptionGPTQwen2_5_VLForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            qwen_model.lm_head.weight[VIS] = qwen_model.model.language_model.norm.weight * 3
     inputs, boxes = qwen_rows()
     torch.manual_seed(0)
     kwargs = {"do_sample": False, **MODES[mode]}
