@@ -147,6 +147,8 @@ def records_footprint(model, config, prompt_extra, new_tokens, beams=4):
     extra = torch.randint(10, 1000, (1, prompt_extra), generator=torch.Generator().manual_seed(1))
     inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "mm_token_type_ids" in inputs:  # Qwen: the extra tokens are text
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == config.image_token_id).long()
     states, collect = [], model._collect_generated_regions
     model._collect_generated_regions = lambda sequences, state: states.append(state) or collect(sequences, state)
     try:
