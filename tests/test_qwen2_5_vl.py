@@ -23,14 +23,14 @@ def native_config() -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(**{key: tiny[key] for key in keys}, vision_end_token_id=END)
 
 
-def qwen_rows(grids=((1, 4, 6), (1, 4, 4)), length=24, vis_at=((20,), ()), seed=0):
+def qwen_rows(grids=((1, 4, 6), (1, 4, 4)), lengths=(24, 21), vis_at=((20,), ()), seed=0):
     """Left-padded rows `[text, <vision_start>, image pads, <vision_end>, text, <vis>...]`, one image each.
 
-    grids: per row its (t, h, w) patch grid (h*w/4 LLM tokens). Returns the model inputs and the boxes of the prompt
-    `<vis>` (a box for row 0's, none elsewhere)."""
+    grids: per row its (t, h, w) patch grid (h*w/4 LLM tokens); lengths: per row its tokens (the shorter rows are
+    left-padded). Returns the model inputs and the boxes of the prompt `<vis>` (a box for row 0's, none elsewhere)."""
     g = torch.Generator().manual_seed(seed)
     rows, pixels = [], []
-    for (t, h, w), positions in zip(grids, vis_at):
+    for (t, h, w), length, positions in zip(grids, lengths, vis_at):
         tokens = h * w // 4
         row = torch.randint(10, 200, (length,), generator=g)
         row[2], row[3 : 3 + tokens], row[3 + tokens] = START, IMAGE, END
@@ -222,6 +222,7 @@ def test_padded_row_equals_row_alone(qwen_model):
     kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     batched = qwen_model.generate(**inputs, vis_boxes=boxes, **kwargs)
     pad = int((inputs["attention_mask"][1] == 0).sum())
+    assert pad == 3
     alone = {k: v[1:, pad:] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
     alone.update(pixel_values=inputs["pixel_values"][24:], image_grid_thw=inputs["image_grid_thw"][1:])
     single = qwen_model.generate(**alone, vis_boxes=boxes[1:], **kwargs)
