@@ -190,9 +190,12 @@ def _teacher_forced_errors(model, out, inputs, boxes):
 MODES = {
     "greedy": {},
     "greedy_no_cache": {"use_cache": False},
+    "sample": {"do_sample": True},
     "sample_n2": {"do_sample": True, "num_return_sequences": 2},
     "beam": {"num_beams": 3},
     "beam_n2": {"num_beams": 3, "num_return_sequences": 2},
+    "beam_no_cache": {"num_beams": 2, "use_cache": False},
+    "static_cache": {"cache_implementation": "static"},
 }
 
 
