@@ -6,8 +6,10 @@ Importing the package registers the Auto classes. The trainer is imported lazily
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionConfigMixin, PerceptionGPTConfig
+from .configuration_perceptiongpt_idefics3 import PerceptionGPTIdefics3Config, PerceptionGPTSmolVLMConfig
 from .configuration_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLConfig
 from .conversion_perceptiongpt import (
+    FAMILIES,
     SUPPORTED_FAMILIES,
     add_vis_token,
     convert_base_model,
@@ -21,6 +23,10 @@ from .modeling_perceptiongpt import (
     PerceptionGPTModel,
     PerceptionGPTPreTrainedModel,
 )
+from .modeling_perceptiongpt_idefics3 import (
+    PerceptionGPTIdefics3ForConditionalGeneration,
+    PerceptionGPTSmolVLMForConditionalGeneration,
+)
 from .modeling_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLForConditionalGeneration
 from .processing.processing_perceptiongpt import PerceptionGPTProcessor
 from .processing.processing_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLProcessor
@@ -30,16 +36,12 @@ AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_o
 AutoModel.register(PerceptionGPTConfig, PerceptionGPTModel, exist_ok=True)
 AutoModelForImageTextToText.register(PerceptionGPTConfig, PerceptionGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PerceptionGPTConfig, PerceptionGPTProcessor, exist_ok=True)
-AutoConfig.register(PerceptionGPTQwen2_5_VLConfig.model_type, PerceptionGPTQwen2_5_VLConfig, exist_ok=True)
-AutoModelForImageTextToText.register(
-    PerceptionGPTQwen2_5_VLConfig, PerceptionGPTQwen2_5_VLForConditionalGeneration, exist_ok=True
-)
 AutoProcessor.register(PerceptionGPTQwen2_5_VLConfig, PerceptionGPTQwen2_5_VLProcessor, exist_ok=True)
-# save_pretrained copies the code and writes `auto_map`, so saved folders load with trust_remote_code=True
-for config_class, model_class in (
-    (PerceptionGPTConfig, PerceptionGPTForConditionalGeneration),
-    (PerceptionGPTQwen2_5_VLConfig, PerceptionGPTQwen2_5_VLForConditionalGeneration),
-):
+for _, config_class, model_class in FAMILIES.values():
+    if config_class is not PerceptionGPTConfig:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+    # save_pretrained copies the code and writes `auto_map`, so saved folders load with trust_remote_code=True
     config_class.register_for_auto_class()
     model_class.register_for_auto_class("AutoModelForImageTextToText")
 
@@ -48,8 +50,8 @@ def from_base(base_model_or_path, processor=None, vis_token: str = "<vis>", **co
     """PerceptionGPT model and processor of a supported VLM family, around its tensors kept bit-identical.
 
     Args:
-        base_model_or_path: a loaded `LlavaForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`, or a
-            path / repo id of one.
+        base_model_or_path: a loaded model of a supported family (`SUPPORTED_FAMILIES`: LLaVA, Qwen2.5-VL, Idefics3,
+            SmolVLM), or a path / repo id of one.
         processor: its processor, tokenizer, or a path; the model's path when None and a path is given. `vis_token`
             is added to its tokenizer in place.
         config_overrides: perception config fields (heads, loss weights, `mask_grid_size` on Qwen, ...).
@@ -79,6 +81,8 @@ __all__ = [
     "PerceptionGPTConfig",
     "PerceptionGPTForConditionalGeneration",
     "PerceptionGPTGenerateOutput",
+    "PerceptionGPTIdefics3Config",
+    "PerceptionGPTIdefics3ForConditionalGeneration",
     "PerceptionGPTMixin",
     "PerceptionGPTModel",
     "PerceptionGPTPreTrainedModel",
@@ -86,6 +90,8 @@ __all__ = [
     "PerceptionGPTQwen2_5_VLConfig",
     "PerceptionGPTQwen2_5_VLForConditionalGeneration",
     "PerceptionGPTQwen2_5_VLProcessor",
+    "PerceptionGPTSmolVLMConfig",
+    "PerceptionGPTSmolVLMForConditionalGeneration",
     "SUPPORTED_FAMILIES",
     "add_vis_token",
     "convert_base_model",

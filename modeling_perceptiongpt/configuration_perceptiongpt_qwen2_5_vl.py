@@ -28,7 +28,7 @@ class PerceptionGPTQwen2_5_VLConfig(PerceptionConfigMixin, Qwen2_5_VLConfig):
 
     @property
     def num_vision_hidden_states(self) -> int:
-        return self.vision_config.depth  # Qwen's ViT records each block's output, not the patch embeddings
+        return self.vision_config.depth + 1  # the patch embeddings and every block, in window order
 
     @property
     def patch_grid_size(self) -> int:

@@ -3,11 +3,23 @@
 import torch
 from tokenizers import AddedToken
 from torch import nn
-from transformers import AutoConfig, LlavaForConditionalGeneration, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    Idefics3ForConditionalGeneration,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    SmolVLMForConditionalGeneration,
+)
 
 from .configuration_perceptiongpt import PerceptionGPTConfig
+from .configuration_perceptiongpt_idefics3 import PerceptionGPTIdefics3Config, PerceptionGPTSmolVLMConfig
 from .configuration_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLConfig
 from .modeling_perceptiongpt import PERCEPTION_MODULE_NAMES, PerceptionGPTForConditionalGeneration
+from .modeling_perceptiongpt_idefics3 import (
+    PerceptionGPTIdefics3ForConditionalGeneration,
+    PerceptionGPTSmolVLMForConditionalGeneration,
+)
 from .modeling_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLForConditionalGeneration
 
 
@@ -32,6 +44,16 @@ FAMILIES = {
         Qwen2_5_VLForConditionalGeneration,
         PerceptionGPTQwen2_5_VLConfig,
         PerceptionGPTQwen2_5_VLForConditionalGeneration,
+    ),
+    "idefics3": (
+        Idefics3ForConditionalGeneration,
+        PerceptionGPTIdefics3Config,
+        PerceptionGPTIdefics3ForConditionalGeneration,
+    ),
+    "smolvlm": (
+        SmolVLMForConditionalGeneration,
+        PerceptionGPTSmolVLMConfig,
+        PerceptionGPTSmolVLMForConditionalGeneration,
     ),
 }
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -89,8 +111,12 @@ def convert_base_model(base_model, tokenizer=None, vis_token: str = "<vis>", **c
     config._attn_implementation = base_model.config._attn_implementation
 
     state = base_model.state_dict()
-    embed_key, head_key = "model.language_model.embed_tokens.weight", "lm_head.weight"
-    for key in (embed_key, head_key):
+    # the input and (tied or not) output embedding matrices, whatever the family calls them
+    storages = {
+        base_model.get_input_embeddings().weight.data_ptr(),
+        base_model.get_output_embeddings().weight.data_ptr(),
+    }
+    for key in [key for key, tensor in state.items() if tensor.data_ptr() in storages]:
         if key in state:
             old = state[key]
             mean = old[:known_rows].float().mean(0, keepdim=True).to(old.dtype)  # (1, D)

@@ -331,7 +331,8 @@ def test_native_classes_are_untouched_and_unsupported_families_raise():
         )
     )
     with pytest.raises(
-        ValueError, match=r"'gemma3' model; PerceptionGPT supports the families \['llava', 'qwen2_5_vl'\]"
+        ValueError,
+        match=r"'gemma3' model; PerceptionGPT supports the families \['llava', 'qwen2_5_vl', 'idefics3', 'smolvlm'\]",
     ):
         perceptiongpt.from_base(gemma)
 
