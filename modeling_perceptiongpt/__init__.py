@@ -29,6 +29,7 @@ from .modeling_perceptiongpt_idefics3 import (
 )
 from .modeling_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLForConditionalGeneration
 from .processing.processing_perceptiongpt import PerceptionGPTProcessor
+from .processing.processing_perceptiongpt_idefics3 import PerceptionGPTIdefics3Processor, PerceptionGPTSmolVLMProcessor
 from .processing.processing_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLProcessor
 
 
@@ -36,7 +37,12 @@ AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_o
 AutoModel.register(PerceptionGPTConfig, PerceptionGPTModel, exist_ok=True)
 AutoModelForImageTextToText.register(PerceptionGPTConfig, PerceptionGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PerceptionGPTConfig, PerceptionGPTProcessor, exist_ok=True)
-AutoProcessor.register(PerceptionGPTQwen2_5_VLConfig, PerceptionGPTQwen2_5_VLProcessor, exist_ok=True)
+for config_class, processor_class in (
+    (PerceptionGPTQwen2_5_VLConfig, PerceptionGPTQwen2_5_VLProcessor),
+    (PerceptionGPTIdefics3Config, PerceptionGPTIdefics3Processor),
+    (PerceptionGPTSmolVLMConfig, PerceptionGPTSmolVLMProcessor),
+):
+    AutoProcessor.register(config_class, processor_class, exist_ok=True)
 for _, config_class, model_class in FAMILIES.values():
     if config_class is not PerceptionGPTConfig:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
@@ -83,6 +89,7 @@ __all__ = [
     "PerceptionGPTGenerateOutput",
     "PerceptionGPTIdefics3Config",
     "PerceptionGPTIdefics3ForConditionalGeneration",
+    "PerceptionGPTIdefics3Processor",
     "PerceptionGPTMixin",
     "PerceptionGPTModel",
     "PerceptionGPTPreTrainedModel",
@@ -92,6 +99,7 @@ __all__ = [
     "PerceptionGPTQwen2_5_VLProcessor",
     "PerceptionGPTSmolVLMConfig",
     "PerceptionGPTSmolVLMForConditionalGeneration",
+    "PerceptionGPTSmolVLMProcessor",
     "SUPPORTED_FAMILIES",
     "add_vis_token",
     "convert_base_model",

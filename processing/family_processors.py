@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
 from .processing_perceptiongpt import PerceptionGPTProcessor
+from .processing_perceptiongpt_idefics3 import PerceptionGPTIdefics3Processor, PerceptionGPTSmolVLMProcessor
 from .processing_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLProcessor
-from .templates import CHAT_TEMPLATE, QWEN2_5_VL_CHAT_TEMPLATE
+from .templates import CHAT_TEMPLATE, IDEFICS3_CHAT_TEMPLATE, QWEN2_5_VL_CHAT_TEMPLATE
 
 
 # PerceptionGPT model_type -> its processor class, the family processor's fields it keeps, and the chat template
@@ -18,6 +19,8 @@ FAMILY_PROCESSORS = {
         CHAT_TEMPLATE,
     ),
     "perceptiongpt_qwen2_5_vl": (PerceptionGPTQwen2_5_VLProcessor, (), QWEN2_5_VL_CHAT_TEMPLATE),
+    "perceptiongpt_idefics3": (PerceptionGPTIdefics3Processor, ("image_seq_len",), IDEFICS3_CHAT_TEMPLATE),
+    "perceptiongpt_smolvlm": (PerceptionGPTSmolVLMProcessor, ("image_seq_len",), IDEFICS3_CHAT_TEMPLATE),
 }
 
 

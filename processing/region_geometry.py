@@ -101,6 +101,11 @@ def geometry_from_image_processor(image_processor, original_size: tuple[int, int
     """Read the geometry an image processor applies to an image of `original_size` (H, W) from its own settings."""
     if hasattr(image_processor, "merge_size") and hasattr(image_processor, "temporal_patch_size"):
         return _dynamic_resize_geometry(image_processor, original_size)
+    if hasattr(image_processor, "max_image_size") and hasattr(image_processor, "do_image_splitting"):
+        # Idefics3 / SmolVLM: the frame is the global image, the whole image squashed to a square (the tiles and
+        # the batch padding only add images, never pixels to it)
+        side = image_processor.max_image_size["longest_edge"]
+        return compute_image_geometry(original_size, resize_size=SizeDict(height=side, width=side))
     do_pad = bool(getattr(image_processor, "do_pad", False))
     pad_to_square = do_pad and hasattr(image_processor, "pad_to_square")
     if do_pad and not pad_to_square:

@@ -61,6 +61,28 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
+# Idefics3 / SmolVLM's layout ("<bos>User:<image>text<end_of_utterance>\nAssistant: answer<end_of_utterance>\n"; the
+# processor expands each `<image>` into its tiles) with the assistant answer marked by a `generation` block.
+IDEFICS3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ 'Assistant:' }}{% generation %}{{ ' ' }}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ '<end_of_utterance>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ message['role'] | capitalize }}{{ ':' if parts[0]['type'] == 'image' else ': ' }}"
+    "{%- for part in parts -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{{ '<end_of_utterance>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
 # Where the image goes in the first user turn: part of the model (stored on the processor, saved with it).
 IMAGE_POSITIONS = ("first", "after_text")
 TASKS = ("rec", "res", "reg", "multi", "caption")
