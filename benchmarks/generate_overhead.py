@@ -1,12 +1,12 @@
 """generate() overhead of PerceptionGPT (heads + box feedback) against the native family model on the same weights.
 
 Interleaved runs, medians, 64 new tokens, batch 1 and 8, on a model big enough to matter on CPU (text hidden 512,
-8 layers, vocabulary 1024; LLaVA: the demo's CLIP, 36 image tokens; Qwen2.5-VL: a 4-block ViT of width 96 on a 12x12
-patch grid, 36 image tokens). Two PerceptionGPT workloads: "no_vis" (the hooks only) and "vis_every_step" (`<vis>`
+8 layers, vocabulary 1024, 36 image tokens; LLaVA: the demo's CLIP; Qwen2.5-VL: a 4-block ViT of width 96 on a 12x12
+patch grid; SmolVLM: a 4-layer SigLIP of width 96 on one 96 px image, 12x12 patches pixel-shuffled 2x). Two PerceptionGPT workloads: "no_vis" (the hooks only) and "vis_every_step" (`<vis>`
 forced at every step, so every step decodes a box and feeds it back, and every returned one gets a mask: the worst
 case).
 
-    python benchmarks/generate_overhead.py [--family llava|qwen2_5_vl] [--repeats 5] [--threads 2]
+    python benchmarks/generate_overhead.py [--family llava|qwen2_5_vl|smolvlm] [--repeats 5] [--threads 2]
 
 Also the footprint of generate()'s per-`<vis>` records for 64 new tokens x 4 beams with a `<vis>` every step, at two
 prompt lengths: as stored (key = generated suffix, value = box + hidden state) and, for the same records, what the
@@ -30,6 +30,8 @@ from transformers import (
     LogitsProcessorList,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 
 from perceptiongpt import (
@@ -37,6 +39,8 @@ from perceptiongpt import (
     PerceptionGPTForConditionalGeneration,
     PerceptionGPTQwen2_5_VLConfig,
     PerceptionGPTQwen2_5_VLForConditionalGeneration,
+    PerceptionGPTSmolVLMConfig,
+    PerceptionGPTSmolVLMForConditionalGeneration,
 )
 
 
@@ -74,7 +78,7 @@ def build_qwen2_5_vl():
     ids = {"image_token_id": 1000, "video_token_id": 1001, "vision_start_token_id": 1002, "vision_end_token_id": 1003}
     native_config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
     config = PerceptionGPTQwen2_5_VLConfig(
-        **{**native_config.to_dict(), "model_type": None},
+        **{key: value for key, value in native_config.to_dict().items() if key != "model_type"},
         vis_token_id=1004,
         mask_grid_size=demo.patch_grid_size,
         box_head_config=demo.box_head_config.to_dict(),
@@ -85,7 +89,25 @@ def build_qwen2_5_vl():
     return model, Qwen2_5_VLForConditionalGeneration(native_config).eval(), config
 
 
-FAMILIES = {"llava": build_llava, "qwen2_5_vl": build_qwen2_5_vl}
+def build_smolvlm():
+    demo = PerceptionGPTConfig.from_preset("demo")
+    vision = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4}
+    vision.update(image_size=96, patch_size=8)  # 12x12 patches, 36 LLM tokens after the 2x2 pixel shuffle
+    text = {**TEXT, "model_type": "llama", "num_key_value_heads": 8, "vocab_size": 1024}
+    native_config = SmolVLMConfig(vision_config=vision, text_config=text, image_token_id=1000)
+    config = PerceptionGPTSmolVLMConfig(
+        **{key: value for key, value in native_config.to_dict().items() if key != "model_type"},
+        vis_token_id=1004,
+        mask_grid_size=demo.patch_grid_size,
+        box_head_config=demo.box_head_config.to_dict(),
+        mask_head_config=demo.mask_head_config.to_dict(),
+    )
+    torch.manual_seed(0)
+    model = PerceptionGPTSmolVLMForConditionalGeneration(config).eval()
+    return model, SmolVLMForConditionalGeneration(native_config).eval(), config
+
+
+FAMILIES = {"llava": build_llava, "qwen2_5_vl": build_qwen2_5_vl, "smolvlm": build_smolvlm}
 
 
 def build_models(family):
@@ -105,6 +127,13 @@ def inputs_for(config, batch):
         ids = torch.randint(10, 1000, (batch, 20 + tokens), generator=g)
         ids[:, 5 : 5 + tokens] = config.image_token_id
         pixels = torch.randn(batch, 3, side, side, generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    if config.model_type == "perceptiongpt_smolvlm":  # one global image, no splitting
+        side = config.vision_config.image_size
+        tokens = (config.vision_grid_size // config.scale_factor) ** 2
+        ids = torch.randint(10, 1000, (batch, 22 + tokens), generator=g)
+        ids[:, 5], ids[:, 6 : 6 + tokens], ids[:, 6 + tokens] = 1001, config.image_token_id, 1001
+        pixels = torch.randn(batch, 1, 3, side, side, generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
     t, h, w = QWEN_IMAGE_GRID
     tokens = t * h * w // 4
