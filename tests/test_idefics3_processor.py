@@ -161,3 +161,16 @@ def test_model_and_processor_folder_load_as_remote_code(folder, tmp_path):
     with torch.no_grad():
         local = model(**inputs).logits[0, -1, :8]
     torch.testing.assert_close(torch.tensor(remote["logits"]), local, **CROSS_PROCESS_TOLERANCE)
+
+
+def test_without_image_splitting_the_global_image_is_the_only_tile(folder):
+    _, path = folder
+    model, processor = _converted(path)
+    processor.image_processor.do_image_splitting = False
+    image = _image(30, 40, (5, 3, 21, 25))
+    inputs = processor(images=[[image]], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
+    assert inputs["pixel_values"].shape[1] == 1 and (inputs["input_ids"] == 4).sum() == 4
+    torch.testing.assert_close(inputs["vis_boxes"][0, 0], torch.tensor([5 / 40, 3 / 30, 21 / 40, 25 / 30]))
+    with torch.no_grad():
+        out = model(**inputs, labels=inputs["input_ids"])
+    assert out.image_outputs.mask_features.shape[0] == 1 and out.box_l1_loss > 0
