@@ -33,6 +33,19 @@ from .region_geometry import (
 from .templates import IMAGE_POSITIONS, user_content
 
 
+def _renested(flat, images):
+    """`flat` (the RGB images in order) in the caller's nesting: per sample lists stay per sample (Idefics3 / SmolVLM
+    count images per sample), a flat list stays flat."""
+    if flat is None or not isinstance(images, (list, tuple)) or not any(isinstance(i, (list, tuple)) for i in images):
+        return flat
+    nested, start = [], 0
+    for item in images:
+        count = len(item) if isinstance(item, (list, tuple)) else 1
+        nested.append(flat[start : start + count])
+        start += count
+    return nested
+
+
 class PerceptionProcessorMixin:
     """Adds `<vis>` regions to a family processor: `vis_token`, `mask_size` and `image_position` (the prompt layout,
     part of the model: "first" puts the image before the question, "after_text" after it) are saved with it."""
@@ -88,9 +101,10 @@ class PerceptionProcessorMixin:
                     raise ValueError(f"`text[{index}]` must be non-empty, got {sample!r}.")
         elif boxes is not None or masks is not None:
             raise ValueError("`boxes` and `masks` need the `text` whose `<vis>` tokens they belong to; got text=None.")
+        flat = None
         if images is not None:
-            images = [to_rgb_image(image, f"images[{i}]") for i, image in enumerate(flatten_images(images))]
-        outputs = super().__call__(images=images, text=texts, **kwargs)
+            flat = [to_rgb_image(image, f"images[{i}]") for i, image in enumerate(flatten_images(images))]
+        outputs = super().__call__(images=_renested(flat, images), text=texts, **kwargs)
         if texts is None:
             return outputs
         input_ids = outputs["input_ids"].tolist() if hasattr(outputs["input_ids"], "tolist") else outputs["input_ids"]
@@ -102,7 +116,7 @@ class PerceptionProcessorMixin:
                 "`<vis>`: disable truncation or raise `max_length`."
             )
         as_tensor = isinstance(outputs["input_ids"], torch.Tensor)
-        regions = self._regions(list(texts), images or [], boxes, masks)
+        regions = self._regions(list(texts), flat or [], boxes, masks)
         for key, value in regions.items():
             outputs[key] = torch.from_numpy(value) if as_tensor else value
         return outputs

@@ -4,6 +4,7 @@ the global image, pixel boxes in and out, save / load, the collator's labels."""
 import numpy as np
 import pytest
 import torch
+from family_training import accumulation_error, box_losses_of_a_short_run, square_image
 from PIL import Image
 from tokenizers import AddedToken
 from transformers import (
@@ -54,13 +55,6 @@ def folder(request, tmp_path_factory):
     return request.param, path
 
 
-def _image(height, width, box):
-    pixels = np.zeros((height, width, 3), dtype=np.uint8)
-    x1, y1, x2, y2 = box
-    pixels[y1:y2, x1:x2] = 255
-    return Image.fromarray(pixels)
-
-
 def _converted(path):
     torch.manual_seed(0)
     model, processor = perceptiongpt.from_base(str(path), mask_grid_size=4)
@@ -75,7 +69,7 @@ def test_tiles_then_the_global_image_and_pixel_boxes_round_trip(folder):
         family, "PerceptionGPTSmolVLMProcessor"
     )
     box = [5.0, 3.0, 21.0, 25.0]
-    image = _image(30, 40, (5, 3, 21, 25))
+    image = square_image(30, 40, (5, 3, 21, 25))
     inputs = processor(images=[[image]], text=[PROMPT], boxes=[[box]], return_tensors="pt")
     tiles = inputs["pixel_values"].shape[1]
     assert tiles == 5 and (inputs["input_ids"] == 4).sum() == 4 * tiles  # 2 x 2 tiles, then the global image
@@ -104,7 +98,7 @@ def test_saves_loads_and_labels_only_the_answer(folder, tmp_path):
     processor.save_pretrained(tmp_path)
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(reloaded) is type(processor) and reloaded.mask_size == processor.mask_size
-    image = _image(30, 40, (5, 3, 21, 25))
+    image = square_image(30, 40, (5, 3, 21, 25))
     a = processor(images=[[image]], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
     b = reloaded(images=[[image]], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -167,10 +161,23 @@ def test_without_image_splitting_the_global_image_is_the_only_tile(folder):
     _, path = folder
     model, processor = _converted(path)
     processor.image_processor.do_image_splitting = False
-    image = _image(30, 40, (5, 3, 21, 25))
+    image = square_image(30, 40, (5, 3, 21, 25))
     inputs = processor(images=[[image]], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
     assert inputs["pixel_values"].shape[1] == 1 and (inputs["input_ids"] == 4).sum() == 4
     torch.testing.assert_close(inputs["vis_boxes"][0, 0], torch.tensor([5 / 40, 3 / 30, 21 / 40, 25 / 30]))
     with torch.no_grad():
         out = model(**inputs, labels=inputs["input_ids"])
     assert out.image_outputs.mask_features.shape[0] == 1 and out.box_l1_loss > 0
+
+
+def test_accumulation_matches_one_big_batch_and_the_box_loss_falls(folder, tmp_path):
+    from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
+
+    _, path = folder
+    rows = build_synthetic_dataset(SyntheticConfig.demo(), "train", 8, seed=0)
+    assert accumulation_error(lambda: _converted(path), rows, tmp_path) < 1e-6
+    model, processor = _converted(path)
+    processor.image_processor.do_image_splitting = False  # one tile per image: a short run
+    losses = box_losses_of_a_short_run(model, processor, PROMPT, steps=200, size=(32, 32), nest_images=True)
+    first, last = np.mean(losses[:30]), np.mean(losses[-30:])
+    assert last < 0.7 * first, (first, last)

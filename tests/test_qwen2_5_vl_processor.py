@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from family_training import accumulation_error, box_losses_of_a_short_run, square_image
 from tokenizers import AddedToken
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -53,13 +53,6 @@ def qwen_folder(tmp_path_factory):
     return folder
 
 
-def _image(height, width, box):
-    pixels = np.zeros((height, width, 3), dtype=np.uint8)
-    x1, y1, x2, y2 = box
-    pixels[y1:y2, x1:x2] = 255
-    return Image.fromarray(pixels)
-
-
 def test_from_base_on_a_folder_gives_the_family_processor(qwen_folder):
     model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
     assert type(processor) is PerceptionGPTQwen2_5_VLProcessor
@@ -78,7 +71,7 @@ def test_boxes_round_trip_through_the_dynamic_resize(qwen_folder):
     """A 30x50 image is resized to 32x48 (multiples of 8): boxes map into that frame and back within 0.5 px."""
     _, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
     box = [5.0, 3.0, 21.0, 25.0]
-    out = processor(images=[_image(30, 50, (5, 3, 21, 25))], text=[PROMPT], boxes=[[box]], return_tensors="pt")
+    out = processor(images=[square_image(30, 50, (5, 3, 21, 25))], text=[PROMPT], boxes=[[box]], return_tensors="pt")
     assert out["image_grid_thw"].tolist() == [[1, 8, 12]] and (out["input_ids"] == 4).sum() == 24
     assert torch.equal(out["mm_token_type_ids"], (out["input_ids"] == 4).long())
     expected = torch.tensor([5 / 50, 3 / 30, 21 / 50, 25 / 30])
@@ -98,7 +91,7 @@ def test_processor_saves_and_loads_without_a_video_processor(qwen_folder, tmp_pa
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(reloaded) is PerceptionGPTQwen2_5_VLProcessor and getattr(reloaded, "video_processor", None) is None
     assert reloaded.image_position == "after_text" and reloaded.mask_size == processor.mask_size
-    image = _image(30, 50, (5, 3, 21, 25))
+    image = square_image(30, 50, (5, 3, 21, 25))
     a = processor(images=[image], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
     b = reloaded(images=[image], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -106,12 +99,12 @@ def test_processor_saves_and_loads_without_a_video_processor(qwen_folder, tmp_pa
         processor(videos=[np.zeros((2, 16, 16, 3), dtype=np.uint8)], text=["<|video_pad|>"])
 
 
-def test_generate_returns_pixel_boxes_on_the_original_image(qwen_folder):
+def test_generate_returns_pixel_boxes_on_the_originalsquare_image(qwen_folder):
     model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
     model.eval()
     with torch.no_grad():  # `<vis>` likely, so that boxes come out
         model.lm_head.weight[processor.vis_token_id] = model.model.language_model.norm.weight * 3
-    image = _image(30, 50, (5, 3, 21, 25))
+    image = square_image(30, 50, (5, 3, 21, 25))
     inputs = processor(images=[image], text=["<|vision_start|><image><|vision_end|>Find it:"], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     results = processor.post_process_generation(out, image_sizes=[(30, 50)])
@@ -125,123 +118,27 @@ def test_box_loss_falls_in_a_short_training_run(qwen_folder):
     """A few hundred steps of synthetic REC (one white square per image) on the tiny Qwen2.5-VL."""
     torch.manual_seed(0)
     model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    g = np.random.default_rng(0)
-    losses = []
-    for _ in range(300):
-        images, boxes = [], []
-        for _ in range(4):
-            x1, y1 = int(g.integers(0, 28)), int(g.integers(0, 14))
-            w, h = int(g.integers(8, 20)), int(g.integers(6, 16))
-            images.append(_image(32, 48, (x1, y1, x1 + w, y1 + h)))
-            boxes.append([[x1, y1, x1 + w, y1 + h]])
-        batch = processor(images=images, text=[PROMPT] * 4, boxes=boxes, return_tensors="pt")
-        labels = torch.full_like(batch["input_ids"], -100)
-        labels[:, -1] = processor.vis_token_id  # the answer `<vis>`: its box is decoded from the state before it
-        out = model(**batch, labels=labels)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.box_l1_loss.item())
+    losses = box_losses_of_a_short_run(model, processor, PROMPT)
     first, last = np.mean(losses[:30]), np.mean(losses[-30:])
     assert last < 0.6 * first, (first, last)
-
-
-_REMOTE = """
-import json, sys
-try:
-    import perceptiongpt  # noqa: F401
-    sys.exit("perceptiongpt must not be importable here")
-except ImportError:
-    pass
-import numpy as np
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
-model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-image = Image.fromarray(np.full((30, 50, 3), 128, dtype=np.uint8))
-inputs = processor(images=[image], text=[sys.argv[2]], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
-out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-result = processor.post_process_generation(out, image_sizes=[(30, 50)])[0]
-print(json.dumps({"modules": [type(processor).__module__, type(model).__module__],
-                  "sequence": out.sequences[0].tolist(), "boxes": result["boxes"].tolist()}))
-"""
-
-
-def test_model_and_processor_folder_load_as_remote_code(qwen_folder, tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from conftest import BLOCK_PACKAGE, CROSS_PROCESS_TOLERANCE, subprocess_env
-
-    model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
-    model.eval()
-    image = Image.fromarray(np.full((30, 50, 3), 128, dtype=np.uint8))
-    inputs = processor(images=[image], text=[PROMPT], boxes=[[[5, 3, 21, 25]]], return_tensors="pt")
-    with torch.no_grad():  # `<vis>` generated right after the prompt, so that a box comes out
-        model.lm_head.weight[processor.vis_token_id] = model(**inputs).last_hidden_state[0, -1] * 10
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    command = [sys.executable, "-c", BLOCK_PACKAGE + _REMOTE, str(tmp_path / "model"), PROMPT]
-    env = subprocess_env(HF_MODULES_CACHE=str(tmp_path / "modules"))
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    remote = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert all(module.startswith("transformers_modules") for module in remote["modules"])
-    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    local = processor.post_process_generation(out, image_sizes=[(30, 50)])[0]
-    assert remote["sequence"] == out.sequences[0].tolist() and len(remote["boxes"]) == len(local["boxes"]) > 0
-    torch.testing.assert_close(torch.tensor(remote["boxes"]), local["boxes"], **CROSS_PROCESS_TOLERANCE)
 
 
 def test_collator_and_trainer_accumulation_match_one_big_batch(qwen_folder, tmp_path):
     """The collator keeps Qwen's patch grids and token types and labels only the answer (the marked template); under
     PerceptionGPTTrainer, batch 4 == 2 x batch 2 with gradient accumulation (SGD), though Qwen's own class sets
     `accepts_loss_kwargs = False`."""
-    from transformers import TrainingArguments
-
     from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
     from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
-    from perceptiongpt.trainer import PerceptionGPTTrainer
 
     rows = build_synthetic_dataset(SyntheticConfig.demo(), "train", 8, seed=0)
-    finals = []
-    for batch_size, accumulation in ((4, 1), (2, 2)):
-        torch.manual_seed(0)
-        model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
-        collator = DataCollatorForPerceptionGPT(processor)
-        batch = collator([rows[0], rows[1]])
-        assert batch["image_grid_thw"].shape == (2, 3) and torch.equal(
-            batch["mm_token_type_ids"], (batch["input_ids"] == 4).long()
-        )
-        answer = batch["labels"][0][batch["labels"][0] != -100]
-        assert processor.vis_token_id in answer.tolist() and 4 not in answer.tolist()
-        args = TrainingArguments(
-            output_dir=str(tmp_path / f"out{accumulation}"),
-            max_steps=2,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            learning_rate=1e-2,
-            optim="sgd",
-            save_strategy="no",
-            report_to=[],
-            remove_unused_columns=False,
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-            lr_scheduler_type="constant",
-            dataloader_drop_last=True,
-        )
-        trainer = PerceptionGPTTrainer(
-            model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor
-        )
-        trainer.train()
-        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
-    worst = max((finals[0][n] - finals[1][n]).abs().max().item() for n in finals[0])
-    assert worst < 1e-6
+    model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+    batch = DataCollatorForPerceptionGPT(processor)([rows[0], rows[1]])
+    assert batch["image_grid_thw"].shape == (2, 3)
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == 4).long())
+    answer = batch["labels"][0][batch["labels"][0] != -100]
+    assert processor.vis_token_id in answer.tolist() and 4 not in answer.tolist()
+    make = lambda: perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)  # noqa: E731
+    assert accumulation_error(make, rows, tmp_path) < 1e-6
 
 
 def test_evaluation_by_generation_runs_on_qwen(qwen_folder):
