@@ -28,6 +28,7 @@ from .modeling_perceptiongpt_idefics3 import (
     PerceptionGPTSmolVLMForConditionalGeneration,
 )
 from .modeling_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLForConditionalGeneration
+from .processing.family_processors import FAMILY_PROCESSORS
 from .processing.processing_perceptiongpt import PerceptionGPTProcessor
 from .processing.processing_perceptiongpt_idefics3 import PerceptionGPTIdefics3Processor, PerceptionGPTSmolVLMProcessor
 from .processing.processing_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLProcessor
@@ -37,16 +38,11 @@ AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_o
 AutoModel.register(PerceptionGPTConfig, PerceptionGPTModel, exist_ok=True)
 AutoModelForImageTextToText.register(PerceptionGPTConfig, PerceptionGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PerceptionGPTConfig, PerceptionGPTProcessor, exist_ok=True)
-for config_class, processor_class in (
-    (PerceptionGPTQwen2_5_VLConfig, PerceptionGPTQwen2_5_VLProcessor),
-    (PerceptionGPTIdefics3Config, PerceptionGPTIdefics3Processor),
-    (PerceptionGPTSmolVLMConfig, PerceptionGPTSmolVLMProcessor),
-):
-    AutoProcessor.register(config_class, processor_class, exist_ok=True)
-for _, config_class, model_class in FAMILIES.values():
+for _, config_class, model_class in FAMILIES.values():  # one entry per family here and in FAMILY_PROCESSORS
     if config_class is not PerceptionGPTConfig:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+        AutoProcessor.register(config_class, FAMILY_PROCESSORS[config_class.model_type][0], exist_ok=True)
     # save_pretrained copies the code and writes `auto_map`, so saved folders load with trust_remote_code=True
     config_class.register_for_auto_class()
     model_class.register_for_auto_class("AutoModelForImageTextToText")
