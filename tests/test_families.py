@@ -177,9 +177,22 @@ def _boxes(inputs, slots):
     return boxes
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"num_beams": 2}, {"do_sample": True, "num_return_sequences": 2}])
+MODES = {  # every mode of tests/test_generation.py
+    "greedy": {},
+    "greedy_no_cache": {"use_cache": False},
+    "sample": {"do_sample": True},
+    "sample_n2": {"do_sample": True, "num_return_sequences": 2},
+    "beam": {"num_beams": 2},
+    "beam_n2": {"num_beams": 2, "num_return_sequences": 2},
+    "beam_no_cache": {"num_beams": 2, "use_cache": False},
+    "static_cache": {"cache_implementation": "static"},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_generated_boxes_and_masks_match_teacher_forcing(family, kwargs):
+def test_generated_boxes_and_masks_match_teacher_forcing(family, mode):
+    kwargs = MODES[mode]
     _, model, inputs, expand = _converted(family)
     vis = model.config.vis_token_id
     torch.manual_seed(0)
