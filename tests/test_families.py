@@ -77,7 +77,7 @@ def _llava_case():
     ids = _rows([IMAGE] * 16, length=30)
     inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
 
-    def expand(inputs, copies):  # the images of one sample for `copies` rows
+    def expand(inputs, copies):  # the images of each sample for `copies` rows
         return {"pixel_values": inputs["pixel_values"].repeat_interleave(copies, 0)}
 
     return LlavaForConditionalGeneration(config), inputs, expand, {}
@@ -125,6 +125,16 @@ TINY = {
     "idefics3": _idefics_case(Idefics3Config, Idefics3ForConditionalGeneration),
     "smolvlm": _idefics_case(SmolVLMConfig, SmolVLMForConditionalGeneration),
 }
+
+
+def _image_inputs_of(expand, inputs, sample):
+    """The image inputs of one sample (`expand` with one copy, then that sample's share)."""
+    everything = expand(inputs, 1)
+    if "image_grid_thw" in everything:  # Qwen: patches of every image back to back
+        sizes = everything["image_grid_thw"].prod(-1).tolist()
+        patches = everything["pixel_values"].split(sizes)
+        return {"pixel_values": patches[sample], "image_grid_thw": everything["image_grid_thw"][sample : sample + 1]}
+    return {key: value[sample : sample + 1] for key, value in everything.items()}
 
 
 def test_every_family_has_a_tiny_case():
@@ -292,3 +302,31 @@ def test_lora_targets_the_decoder_only(family):
     trained = [n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert any("box_decoder" in n and "modules_to_save" in n for n in trained)
     assert all(p.requires_grad for n, p in peft_model.named_parameters() if n in trained)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_beams": 2}])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_left_padded_row_equals_the_row_alone(family, kwargs):
+    _, model, inputs, expand = _converted(family)
+    ids, pad = inputs["input_ids"], 3
+    prefix = torch.randint(10, 200, (2, pad), generator=torch.Generator().manual_seed(5))
+    prefix[1] = 0
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    prefix_mask = torch.tensor([[1] * pad, [0] * pad])
+    padded = {**inputs, "input_ids": torch.cat([prefix, ids], 1), "attention_mask": torch.cat([prefix_mask, mask], 1)}
+    if "mm_token_type_ids" in inputs:
+        padded["mm_token_type_ids"] = (padded["input_ids"] == model.config.image_token_id).long()
+    keep = mask[1].bool()  # row 1 without any padding
+    alone = {"input_ids": ids[1:, keep], "attention_mask": mask[1:, keep], **_image_inputs_of(expand, inputs, 1)}
+    if "mm_token_type_ids" in inputs:
+        alone["mm_token_type_ids"] = (alone["input_ids"] == model.config.image_token_id).long()
+    with torch.no_grad():  # row 1 starts its answer with `<vis>`, so that it has a box to compare
+        model.lm_head.weight[model.config.vis_token_id] = model(**alone).last_hidden_state[0, -1] * 10
+    generate = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, **kwargs)
+    batched = model.generate(**padded, vis_boxes=_boxes(padded, 1), **generate)
+    single = model.generate(**alone, vis_boxes=torch.full((1, 1, 4), NAN), **generate)
+    assert torch.equal(
+        batched.sequences[1, padded["input_ids"].shape[1] :], single.sequences[0, alone["input_ids"].shape[1] :]
+    )
+    assert len(single.pred_boxes[0]) >= 1
+    torch.testing.assert_close(batched.pred_boxes[1], single.pred_boxes[0], rtol=0, atol=1e-6)
