@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
 from .processing_perceptiongpt import PerceptionGPTProcessor
 from .processing_perceptiongpt_idefics3 import PerceptionGPTIdefics3Processor, PerceptionGPTSmolVLMProcessor
@@ -34,8 +34,8 @@ class ProcessorParts:
 
 def processor_parts(source) -> ProcessorParts:
     """The tokenizer, image processor, chat template and settings of `source`: a processor, a tokenizer (no image
-    processor) or a path / repo id. A path loads its tokenizer and image processor separately, so a Qwen folder
-    loads without torchvision (its stock processor's video processor needs it)."""
+    processor) or a path / repo id. A path loads its processor, or, where the stock processor cannot be built here
+    (Qwen2.5-VL / SmolVLM without torchvision or num2words), its tokenizer and image processor separately."""
     if isinstance(source, ProcessorMixin):
         fields = {name: getattr(source, name) for name in vars(source) if not name.startswith("_")}
         return ProcessorParts(source.tokenizer, getattr(source, "image_processor", None), source.chat_template, fields)
@@ -45,7 +45,13 @@ def processor_parts(source) -> ProcessorParts:
         raise TypeError(
             f"`processor` must be a processor, a tokenizer or a path / repo id, got {type(source).__name__}."
         )
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:  # the family's own processor, with its settings (LLaVA's patch size and image-token count)
+        loaded = AutoProcessor.from_pretrained(source)
+    except (ImportError, AttributeError, OSError, ValueError):  # Qwen2.5-VL / SmolVLM without torchvision, num2words
+        loaded = None
+    if isinstance(loaded, ProcessorMixin):
+        return processor_parts(loaded)
+    tokenizer = AutoTokenizer.from_pretrained(source)  # a folder without a processor config: its parts
     return ProcessorParts(tokenizer, AutoImageProcessor.from_pretrained(source), tokenizer.chat_template)
 
 

@@ -128,3 +128,30 @@ def test_from_base_wraps_the_llava_processor():
     torch.testing.assert_close(inputs["vis_boxes"][0, 0], torch.tensor([0.0, 0.0, 0.5, 0.5]))  # squashed to 16x16
     with torch.no_grad():
         assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
+def test_from_base_on_a_llava_folder_keeps_the_processor_settings(tmp_path):
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from perceptiongpt import from_base
+    from perceptiongpt.processing.tokenization_factory import build_tokenizer
+
+    image_processor = LlavaImageProcessorPil(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16})
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer("char"),
+        patch_size=4,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+    ).save_pretrained(tmp_path)
+    _tiny_llava().save_pretrained(tmp_path)
+    model, processor = from_base(str(tmp_path))
+    assert (processor.patch_size, processor.num_additional_image_tokens) == (4, 1)
+    inputs = processor(
+        images=[torch.zeros(16, 16, 3, dtype=torch.uint8).numpy()],
+        text=["USER: <image>\n<vis>"],
+        boxes=[[[0, 0, 8, 8]]],
+        return_tensors="pt",
+    )
+    assert (inputs["input_ids"] == 4).sum() == 16 == model.config.image_seq_length
