@@ -21,13 +21,16 @@ from .region_inputs import last_image_index_per_row
 class PerceptionGPTGenerateOutput(GenerateDecoderOnlyOutput):
     """Per output row, for the GENERATED `<vis>` tokens: pred_boxes (n, 4) normalized xyxy; pred_masks (n, S, S)
     logits, or None without an image; vis_scores (n,) probability of `<vis>` when it was produced; vis_positions
-    (n,) indices into `sequences`. prompt_length: the prompt's tokens at the start of every row of `sequences`."""
+    (n,) indices into `sequences`. prompt_length: the prompt's tokens at the start of every row of `sequences`.
+    image_states: (B, g*g, D) per input sample, the LLM's states at its last image, for box heads that read them
+    (`query_source="llm"`); pass them back as `generate(..., cache=out.cache, image_states=out.image_states)`."""
 
     pred_boxes: list[torch.Tensor] | None = None
     pred_masks: list[torch.Tensor | None] | None = None
     vis_scores: list[torch.Tensor] | None = None
     vis_positions: list[torch.Tensor] | None = None
     prompt_length: int | None = None
+    image_states: torch.Tensor | None = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class PerceptionGPTBeamGenerateOutput(GenerateBeamDecoderOnlyOutput):
     vis_scores: list[torch.Tensor] | None = None
     vis_positions: list[torch.Tensor] | None = None
     prompt_length: int | None = None
+    image_states: torch.Tensor | None = None
 
 
 class PerceptionGenerationState:
@@ -90,6 +94,20 @@ class SuppressModalityTokens(SuppressTokensLogitsProcessor):
     would silently replace the caller's `suppress_tokens`."""
 
 
+def _given_image_states(image_states, batch_size):
+    """The caller's `image_states` (B, g*g, D) for a continued generate(), checked; None when not given."""
+    if image_states is None:
+        return None
+    if not isinstance(image_states, torch.Tensor):
+        raise TypeError(f"`image_states` must be a torch.Tensor (B, g*g, D), got {type(image_states).__name__}.")
+    if image_states.dim() != 3 or image_states.shape[0] != batch_size:
+        raise ValueError(
+            f"`image_states` must be (B, g*g, D) with one row per input sample ({batch_size}), got "
+            f"{tuple(image_states.shape)}: pass the `image_states` of the generate() output you continue."
+        )
+    return image_states
+
+
 _UNSUPPORTED = {
     "assistant_model": "assisted decoding",
     "prompt_lookup_num_tokens": "prompt-lookup (speculative) decoding",
@@ -125,6 +143,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             )
         batch_size, prompt_length = _prompt_shape(input_ids, kwargs)
         state = PerceptionGenerationState(batch_size, prompt_length)
+        state.image_states = _given_image_states(kwargs.pop("image_states", None), batch_size)
         if kwargs.get("pixel_values") is not None:  # encoded once, with the mask decoder's features
             image_kwargs = {name: kwargs[name] for name in self._image_encoder_kwargs if kwargs.get(name) is not None}
             images = self.encode_images(kwargs.pop("pixel_values"), **image_kwargs)
@@ -147,7 +166,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             if isinstance(out, GenerateBeamDecoderOnlyOutput)
             else PerceptionGPTGenerateOutput
         )
-        return cls(**out, **fields, prompt_length=state.prompt_length)
+        return cls(**out, **fields, prompt_length=state.prompt_length, image_states=state.image_states)
 
     def prepare_inputs_for_generation(
         self,
@@ -240,8 +259,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         if self.box_decoder.reads_llm_image_states and state.image_states is None and has_image is not None:
             raise ValueError(
                 "This box head reads the LLM's states at the image tokens, which a generate() continued from a cache "
-                "does not recompute: generate again from the whole conversation without `cache`, or use a box head "
-                "with `query_source='vision'`."
+                "does not recompute: pass `image_states=out.image_states` from the call that saw the image (with "
+                "`return_dict_in_generate=True`), or generate again from the whole conversation without `cache`."
             )
         image_states = None if state.image_states is None else state.image_states[samples]  # (N, g*g, D)
         no_masks = torch.zeros(len(todo), dtype=torch.bool, device=hidden.device)  # only boxes are fed back

@@ -341,3 +341,30 @@ def test_continuing_a_head_that_reads_llm_image_states_raises():
     boxes = first.pred_boxes[0][None]
     with pytest.raises(ValueError, match="reads the LLM's states at the image tokens"):
         model.generate(input_ids=first.sequences, cache=first.cache, vis_boxes=boxes, max_new_tokens=3, **kwargs)
+    with pytest.raises(ValueError, match=r"`image_states` must be \(B, g\*g, D\) with one row per input sample"):
+        model.generate(input_ids=first.sequences, image_states=first.image_states[0], max_new_tokens=1, **kwargs)
+
+
+def test_a_head_that_reads_llm_image_states_continues_with_them():
+    """Passing back `image_states` continues a cache: the same tokens and boxes as one uninterrupted generate."""
+    torch.manual_seed(0)
+    config = PerceptionGPTConfig.from_preset("tiny", box_head_config={"decoder_type": "query", "query_source": "llm"})
+    model = PerceptionGPTForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[VIS] = model.model.language_model.norm.weight * 3
+    ids, pixels = make_batch(1, 22, vis_at=((),))
+    kwargs = dict(do_sample=False, return_dict_in_generate=True, pixel_values=pixels)
+    full = model.generate(input_ids=ids, max_new_tokens=8, **kwargs)
+    stop = int((full.sequences[0, 22:] == VIS).nonzero()[0]) + 1
+    first = model.generate(input_ids=ids, max_new_tokens=stop, **kwargs)
+    assert first.image_states.shape == (1, 16, config.text_config.hidden_size)
+    second = model.generate(
+        input_ids=first.sequences,
+        cache=first.cache,
+        vis_boxes=first.pred_boxes[0][None],
+        image_states=first.image_states,
+        max_new_tokens=8 - stop,
+        **kwargs,
+    )
+    assert torch.equal(second.sequences, full.sequences) and len(second.pred_boxes[0]) >= 1
+    torch.testing.assert_close(second.pred_boxes[0], full.pred_boxes[0][len(first.pred_boxes[0]) :], rtol=0, atol=1e-6)
