@@ -27,6 +27,15 @@ class PerceptionGPTLoadingMixin:
     """Placed before a `PreTrainedModel` in the bases."""
 
     @classmethod
+    def is_custom_code(cls) -> bool:
+        """False, although the classes live outside transformers. transformers guards custom code that writes its
+        init in place by skipping every module whose own tensors look initialized, which also skips modules without
+        tensors of their own: CLIP initializes q/k/v in CLIPAttention, so a CLIP tower loaded with missing weights
+        got the generic init. Our `_init_weights` uses `transformers.initialization`, which the per-tensor flags
+        govern; our class names and model types match no native checkpoint mapping (Qwen's is registered)."""
+        return False
+
+    @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained` with two defaults:
         - `attn_implementation`: `preferred_attn_implementation(dtype)`;

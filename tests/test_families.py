@@ -330,3 +330,28 @@ def test_left_padded_row_equals_the_row_alone(family, kwargs):
     )
     assert len(single.pred_boxes[0]) >= 1
     torch.testing.assert_close(batched.pred_boxes[1], single.pred_boxes[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_model_loaded_without_weights_is_initialized_like_a_fresh_one(family, tmp_path):
+    """Every missing tensor gets the init of its own (sub-)model, as in `Model(config)`: same buffers, and per
+    weight the same mean and spread (the values are random). The CLIP tower's attention is initialized by CLIP at the
+    parameter-less CLIPAttention level, which transformers' guard for custom code used to skip."""
+    from safetensors.torch import save_file
+
+    _, model, _, _ = _converted(family)
+    model.config.save_pretrained(tmp_path)
+    save_file({"unrelated": torch.zeros(1)}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(0)
+    loaded = type(model).from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    fresh = type(model)(model.config)
+    fresh_state = fresh.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        expected = fresh_state[name]
+        if not tensor.is_floating_point() or tensor.numel() == 1 or expected.std() == 0:
+            assert torch.equal(tensor, expected), name  # constants, ids and position buffers: exactly the same
+        else:  # random: the spread must match (loosely for the few small vectors)
+            ratio = (tensor.float().std() / expected.float().std()).item()
+            low, high = (0.7, 1.4) if tensor.numel() >= 256 else (0.4, 2.5)
+            assert low < ratio < high, (name, ratio)
