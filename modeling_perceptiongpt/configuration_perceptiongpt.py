@@ -253,6 +253,23 @@ class PerceptionGPTConfig(PerceptionConfigMixin, LlavaConfig):
         return cls(**kwargs)
 
 
+# The heads of every family's `tiny` preset (CPU unit tests in seconds; the simplest box head).
+TINY_HEADS = {
+    "box_head_config": {"hidden_size": 32, "num_layers": 3, "decoder_type": "mlp"},
+    "mask_head_config": {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "mlp_dim": 64,
+        "num_upsample_layers": 2,
+        "upsample_channels": 8,
+        "mask_size": 16,
+        "encoder_channels": 8,
+        "encoder_num_layers": 2,
+    },
+}
+
+
 def _small_preset(image_size, patch_size, vision_hidden, vision_layers, text_hidden, text_layers, heads, box, mask):
     grid = image_size // patch_size
     return {
@@ -298,18 +315,8 @@ _PRESETS = {
         text_hidden=32,
         text_layers=2,
         heads=2,
-        box={"hidden_size": 32, "num_layers": 3, "decoder_type": "mlp"},  # the unit tests' simplest head
-        mask={
-            "hidden_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "mlp_dim": 64,
-            "num_upsample_layers": 2,
-            "upsample_channels": 8,
-            "mask_size": 16,
-            "encoder_channels": 8,
-            "encoder_num_layers": 2,
-        },
+        box=TINY_HEADS["box_head_config"],
+        mask=TINY_HEADS["mask_head_config"],
     ),
     # Learns grounding on 2 CPU cores in minutes: 48 px images, 6x6 patches. The demo sets vocab_size from its tokenizer.
     "demo": _small_preset(
@@ -356,4 +363,11 @@ _PRESETS = {
 }
 
 
-__all__ = ["BoxHeadConfig", "MaskHeadConfig", "PerceptionConfigMixin", "PerceptionGPTConfig", "SPECIAL_TOKEN_IDS"]
+__all__ = [
+    "BoxHeadConfig",
+    "MaskHeadConfig",
+    "PerceptionConfigMixin",
+    "PerceptionGPTConfig",
+    "SPECIAL_TOKEN_IDS",
+    "TINY_HEADS",
+]

@@ -27,7 +27,8 @@ class Idefics3FamilyConfigMixin:
         """Side of one tile's ViT patch grid."""
         return self.vision_config.image_size // self.vision_config.patch_size
 
-    def _check_mask_grid(self):
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
         if self.mask_grid_size <= 0:
             raise ValueError(f"`mask_grid_size` must be > 0, got {self.mask_grid_size}.")
 
@@ -47,10 +48,6 @@ class PerceptionGPTIdefics3Config(Idefics3FamilyConfigMixin, PerceptionConfigMix
     vis_token_id: int = 128259
     mask_grid_size: int = 32
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self._check_mask_grid()
-
 
 @strict
 class PerceptionGPTSmolVLMConfig(Idefics3FamilyConfigMixin, PerceptionConfigMixin, SmolVLMConfig):
@@ -67,10 +64,6 @@ class PerceptionGPTSmolVLMConfig(Idefics3FamilyConfigMixin, PerceptionConfigMixi
     image_token_id: int = 49190
     vis_token_id: int = 49279
     mask_grid_size: int = 32
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self._check_mask_grid()
 
 
 __all__ = ["PerceptionGPTIdefics3Config", "PerceptionGPTSmolVLMConfig"]

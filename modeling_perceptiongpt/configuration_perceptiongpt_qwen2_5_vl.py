@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
 
-from .configuration_perceptiongpt import PERCEPTION_SUB_CONFIGS, PerceptionConfigMixin
+from .configuration_perceptiongpt import PERCEPTION_SUB_CONFIGS, TINY_HEADS, PerceptionConfigMixin
 
 
 @strict
@@ -76,18 +76,7 @@ class PerceptionGPTQwen2_5_VLConfig(PerceptionConfigMixin, Qwen2_5_VLConfig):
             "vision_start_token_id": 263,
             "vision_end_token_id": 264,
             "mask_grid_size": 4,
-            "box_head_config": {"hidden_size": 32, "num_layers": 3, "decoder_type": "mlp"},
-            "mask_head_config": {
-                "hidden_size": 32,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "mlp_dim": 64,
-                "num_upsample_layers": 2,
-                "upsample_channels": 8,
-                "mask_size": 16,
-                "encoder_channels": 8,
-                "encoder_num_layers": 2,
-            },
+            **TINY_HEADS,
         }
         for key, value in overrides.items():
             tiny[key] = (

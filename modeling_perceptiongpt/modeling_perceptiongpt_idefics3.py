@@ -30,6 +30,11 @@ class Idefics3FamilyAdapter:
 
     _image_encoder_kwargs = ("pixel_attention_mask",)
 
+    def __init__(self, config):
+        super().__init__(config)
+        self._build_perception_heads(config.vision_config.hidden_size)
+        self.post_init()  # initializes the heads added after the family's own post_init
+
     def image_starts(self, input_ids):
         return image_starts_by_run(input_ids, self.config.image_token_id)
 
@@ -52,12 +57,9 @@ class PerceptionGPTIdefics3ForConditionalGeneration(
 ):
     config: PerceptionGPTIdefics3Config
     config_class = PerceptionGPTIdefics3Config
-    forward = forward_with_native_signature(Idefics3ForConditionalGeneration, PerceptionGPTMixin.forward)
-
-    def __init__(self, config: PerceptionGPTIdefics3Config):
-        super().__init__(config)
-        self._build_perception_heads(config.vision_config.hidden_size)
-        self.post_init()  # initializes the heads added after the family's own post_init
+    forward = forward_with_native_signature(
+        Idefics3ForConditionalGeneration, PerceptionGPTMixin.forward
+    )  # initializes the heads added after the family's own post_init
 
 
 class PerceptionGPTSmolVLMForConditionalGeneration(
@@ -66,11 +68,6 @@ class PerceptionGPTSmolVLMForConditionalGeneration(
     config: PerceptionGPTSmolVLMConfig
     config_class = PerceptionGPTSmolVLMConfig
     forward = forward_with_native_signature(SmolVLMForConditionalGeneration, PerceptionGPTMixin.forward)
-
-    def __init__(self, config: PerceptionGPTSmolVLMConfig):
-        super().__init__(config)
-        self._build_perception_heads(config.vision_config.hidden_size)
-        self.post_init()
 
 
 __all__ = ["PerceptionGPTIdefics3ForConditionalGeneration", "PerceptionGPTSmolVLMForConditionalGeneration"]

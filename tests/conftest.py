@@ -95,6 +95,27 @@ def tiny_model(tiny_config):
     return model
 
 
+def training_arguments(output_dir, **overrides):
+    """The tests' TrainingArguments: CPU, 2 steps, constant learning rate, no saving, no reporting."""
+    from transformers import TrainingArguments
+
+    defaults = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
+    return TrainingArguments(**{**defaults, **overrides})
+
+
 def make_batch(batch_size=2, length=30, vis_at=((20,), (20, 25)), image=True, seed=0):
     """Rows of random text with one 16-token `<image>` block at 2..17 and `<vis>` at the given positions."""
     g = torch.Generator().manual_seed(seed)

@@ -41,27 +41,18 @@ def box_losses_of_a_short_run(model, processor, prompt, steps=300, size=(32, 48)
 
 def weights_after_accumulation(make_model_and_processor, rows, tmp_path, batch_size, accumulation):
     """Every weight after 2 SGD steps of PerceptionGPTTrainer at this batch size and accumulation."""
-    from transformers import TrainingArguments
+    from conftest import training_arguments
 
     from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
     from perceptiongpt.trainer import PerceptionGPTTrainer
 
     torch.manual_seed(0)
     model, processor = make_model_and_processor()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"out{accumulation}"),
-        max_steps=2,
+    args = training_arguments(
+        tmp_path / f"out{accumulation}",
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
-        learning_rate=1e-2,
         optim="sgd",
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
         dataloader_drop_last=True,
     )
     collator = DataCollatorForPerceptionGPT(processor)

@@ -22,26 +22,13 @@ from transformers import (
 )
 
 import perceptiongpt
+from perceptiongpt.configuration_perceptiongpt import TINY_HEADS
 from perceptiongpt.conversion_perceptiongpt import FAMILIES
 from perceptiongpt.region_inputs import image_index_per_token
 
 
 NAN = float("nan")
 IMAGE = 4
-TINY_HEADS = {
-    "box_head_config": {"hidden_size": 32, "num_layers": 3, "decoder_type": "mlp"},
-    "mask_head_config": {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "mlp_dim": 64,
-        "num_upsample_layers": 2,
-        "upsample_channels": 8,
-        "mask_size": 16,
-        "encoder_channels": 8,
-        "encoder_num_layers": 2,
-    },
-}
 LLAMA = {
     "model_type": "llama",
     "hidden_size": 32,

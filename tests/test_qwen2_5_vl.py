@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from test_generation import MODES
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import perceptiongpt
@@ -187,30 +188,17 @@ def _teacher_forced_errors(model, out, inputs, boxes):
     return err, mask_err, count
 
 
-MODES = {
-    "greedy": {},
-    "greedy_no_cache": {"use_cache": False},
-    "sample": {"do_sample": True},
-    "sample_n2": {"do_sample": True, "num_return_sequences": 2},
-    "beam": {"num_beams": 3},
-    "beam_n2": {"num_beams": 3, "num_return_sequences": 2},
-    "beam_no_cache": {"num_beams": 2, "use_cache": False},
-    "static_cache": {"cache_implementation": "static"},
-}
-
-
-@pytest.mark.parametrize("box_head", ["mlp", "query_llm"])
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_generated_boxes_and_masks_match_teacher_forcing(qwen_model, mode, box_head):
-    """Also with the default head, which reads the LLM's image states (each sample's images repeated per beam)."""
-    if box_head == "query_llm":
-        torch.manual_seed(0)
-        config = PerceptionGPTQwen2_5_VLConfig.from_preset(
-            "tiny", box_head_config={"decoder_type": "query", "query_source": "llm"}
-        )
-        qwen_model = PerceptionGPTQwen2_5_VLForConditionalGeneration(config).eval()
-        with torch.no_grad():
-            qwen_model.lm_head.weight[VIS] = qwen_model.model.language_model.norm.weight * 3
+def test_the_default_head_matches_teacher_forcing(mode):
+    """The default head reads the LLM's image states, each sample's images repeated per beam / returned sequence
+    (the mlp head runs every mode in tests/test_families.py)."""
+    torch.manual_seed(0)
+    config = PerceptionGPTQwen2_5_VLConfig.from_preset(
+        "tiny", box_head_config={"decoder_type": "query", "query_source": "llm"}
+    )
+    qwen_model = PerceptionGPTQwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        qwen_model.lm_head.weight[VIS] = qwen_model.model.language_model.norm.weight * 3
     inputs, boxes = qwen_rows()
     torch.manual_seed(0)
     kwargs = {"do_sample": False, **MODES[mode]}
@@ -265,42 +253,6 @@ def test_save_reload_and_auto_classes(qwen_model, tmp_path):
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.pred_boxes, b.pred_boxes):
         assert torch.equal(x, y)
-
-
-def test_remote_code_loads_without_the_package(qwen_model, tmp_path):
-    import subprocess
-    import sys
-    import textwrap
-
-    from conftest import BLOCK_PACKAGE, CROSS_PROCESS_TOLERANCE, subprocess_env
-
-    qwen_model.save_pretrained(tmp_path / "model")
-    inputs, boxes = qwen_rows()
-    inputs["vis_boxes"] = boxes
-    torch.save(inputs, tmp_path / "inputs.pt")
-    script = BLOCK_PACKAGE + textwrap.dedent(
-        """
-        from transformers import AutoModelForImageTextToText
-        try:
-            import perceptiongpt
-            raise SystemExit("the package must not be importable here")
-        except ImportError:
-            pass
-        model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        inputs = torch.load(sys.argv[2])
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-        torch.save({"sequences": out.sequences, "boxes": out.pred_boxes}, sys.argv[3])
-        """
-    )
-    args = [sys.executable, "-c", script, str(tmp_path / "model"), str(tmp_path / "inputs.pt"), str(tmp_path / "o.pt")]
-    result = subprocess.run(args, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "o.pt")
-    local = qwen_model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert torch.equal(remote["sequences"], local.sequences)
-    for x, y in zip(remote["boxes"], local.pred_boxes):
-        torch.testing.assert_close(x, y, **CROSS_PROCESS_TOLERANCE)
 
 
 def test_native_classes_are_untouched_and_unsupported_families_raise():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from transformers import TrainingArguments
+from conftest import training_arguments
 
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
@@ -32,21 +32,7 @@ def setup():
 
 
 def _args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        lr_scheduler_type="constant",
-    )
-    return TrainingArguments(**{**defaults, **kwargs})
+    return training_arguments(tmp_path / "out", **kwargs)
 
 
 def _trainer(model, processor, rows, tmp_path, **kwargs):
