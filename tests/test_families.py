@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from conftest import BLOCK_PACKAGE, CROSS_PROCESS_TOLERANCE, subprocess_env
+from test_generation import MODES  # every generate mode
 from transformers import (
     AutoModelForImageTextToText,
     Idefics3Config,
@@ -172,18 +173,6 @@ def _boxes(inputs, slots):
     boxes = torch.full((inputs["input_ids"].shape[0], slots, 4), NAN)
     boxes[0, 0] = torch.tensor([0.1, 0.2, 0.5, 0.7])
     return boxes
-
-
-MODES = {  # every mode of tests/test_generation.py
-    "greedy": {},
-    "greedy_no_cache": {"use_cache": False},
-    "sample": {"do_sample": True},
-    "sample_n2": {"do_sample": True, "num_return_sequences": 2},
-    "beam": {"num_beams": 2},
-    "beam_n2": {"num_beams": 2, "num_return_sequences": 2},
-    "beam_no_cache": {"num_beams": 2, "use_cache": False},
-    "static_cache": {"cache_implementation": "static"},
-}
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
