@@ -152,3 +152,19 @@ def test_evaluation_by_generation_runs_on_qwen(qwen_folder):
     counted = {row["task"] for row in rows} & {"rec", "res"}
     assert len(evaluation.scored) == sum(row["task"] in counted for row in rows) > 0
     assert all(0.0 <= value <= 1.0 for key, value in evaluation.metrics.items() if key.startswith(("rec_", "res_")))
+
+
+def test_cli_fine_tunes_a_base_qwen_folder(qwen_folder, tmp_path):
+    """`perceptiongpt train --model <a Qwen2.5-VL folder>` adds the heads, trains, and saves a folder that loads."""
+    from transformers import AutoModelForImageTextToText
+
+    from perceptiongpt.trainer.cli import main
+
+    output = tmp_path / "out"
+    main(
+        ["train", "--model", str(qwen_folder), "--output", str(output), "--steps", "2", "--batch-size", "2"]
+        + ["--num-samples", "4", "--warmup-steps", "0"]
+    )
+    model = AutoModelForImageTextToText.from_pretrained(output / "final")
+    assert type(model).__name__ == "PerceptionGPTQwen2_5_VLForConditionalGeneration"
+    assert type(AutoProcessor.from_pretrained(output / "final")).__name__ == "PerceptionGPTQwen2_5_VLProcessor"

@@ -44,8 +44,13 @@ def _add_data_flags(p):
 
 
 def _add_train(sub):
-    p = sub.add_parser("train", help="fine-tune a PerceptionGPT folder on a supported dataset")
-    p.add_argument("--model", required=True, help="a saved PerceptionGPT folder (model + processor) or repo id")
+    p = sub.add_parser("train", help="fine-tune a PerceptionGPT folder, or a base VLM, on a supported dataset")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a saved PerceptionGPT folder (model + processor) or repo id, or a base VLM of a supported family "
+        "(llava, qwen2_5_vl, idefics3, smolvlm), which gets `<vis>` and fresh heads",
+    )
     p.add_argument("--output", required=True, help="output folder (checkpoints and the final model)")
     p.add_argument(
         "--lora",
@@ -87,10 +92,16 @@ def _add_predict(sub):
 
 
 def _load(model_ref):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """A PerceptionGPT folder, or a base VLM of a supported family (`from_base` adds `<vis>` and the heads)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    import perceptiongpt  # noqa: F401  (registers the Auto classes)
+    import perceptiongpt  # registers the Auto classes
 
+    if AutoConfig.from_pretrained(model_ref).model_type in perceptiongpt.SUPPORTED_FAMILIES:
+        model, processor = perceptiongpt.from_base(model_ref)
+        if processor is None:
+            raise SystemExit(f"--model {model_ref}: no processor (tokenizer and image processor) found next to it")
+        return model.eval(), processor
     model = AutoModelForImageTextToText.from_pretrained(model_ref).eval()
     return model, AutoProcessor.from_pretrained(model_ref)
 
