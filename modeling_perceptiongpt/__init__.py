@@ -4,6 +4,7 @@ Importing the package registers the Auto classes. The trainer is imported lazily
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig, PerceptionConfigMixin, PerceptionGPTConfig
 from .configuration_perceptiongpt_idefics3 import PerceptionGPTIdefics3Config, PerceptionGPTSmolVLMConfig
@@ -29,6 +30,7 @@ from .modeling_perceptiongpt_idefics3 import (
 )
 from .modeling_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLForConditionalGeneration
 from .processing.family_processors import FAMILY_PROCESSORS
+from .processing.pipeline_visual_grounding import TASK, VisualGroundingPipeline, save_grounding_pipeline
 from .processing.processing_perceptiongpt import PerceptionGPTProcessor
 from .processing.processing_perceptiongpt_idefics3 import PerceptionGPTIdefics3Processor, PerceptionGPTSmolVLMProcessor
 from .processing.processing_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLProcessor
@@ -38,6 +40,7 @@ AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_o
 AutoModel.register(PerceptionGPTConfig, PerceptionGPTModel, exist_ok=True)
 AutoModelForImageTextToText.register(PerceptionGPTConfig, PerceptionGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PerceptionGPTConfig, PerceptionGPTProcessor, exist_ok=True)
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=VisualGroundingPipeline, pt_model=AutoModelForImageTextToText)
 for _, config_class, model_class in FAMILIES.values():  # one entry per family here and in FAMILY_PROCESSORS
     if config_class is not PerceptionGPTConfig:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
@@ -97,9 +100,11 @@ __all__ = [
     "PerceptionGPTSmolVLMForConditionalGeneration",
     "PerceptionGPTSmolVLMProcessor",
     "SUPPORTED_FAMILIES",
+    "VisualGroundingPipeline",
     "add_vis_token",
     "convert_base_model",
     "from_base",
     "from_llava",
     "load_base_model",
+    "save_grounding_pipeline",
 ]

@@ -41,6 +41,8 @@ def test_demo_writes_metrics_examples_and_model(demo_dir):
     card = ModelCard.load(demo_dir / "model" / "README.md")
     assert "custom_code" in card.data.tags and card.data.eval_results[0].metric_value == metrics["rec_acc@0.5"]
     assert (demo_dir / "model" / "modeling_perceptiongpt.py").exists()
+    assert (demo_dir / "model" / "pipeline_visual_grounding.py").exists()  # the visual-grounding pipeline ships
+    assert "visual-grounding" in json.loads((demo_dir / "model" / "config.json").read_text())["custom_pipelines"]
     assert (demo_dir / "model" / "processing_perceptiongpt.py").exists()
 
 

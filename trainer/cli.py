@@ -129,6 +129,7 @@ def _train(args):
     from transformers import TrainingArguments
 
     from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
+    from perceptiongpt.processing.pipeline_visual_grounding import save_grounding_pipeline
 
     from . import PerceptionGPTTrainer, lora_config
 
@@ -159,6 +160,8 @@ def _train(args):
         processing_class=processor,
     )
     trainer.train()
+    if args.lora == "none":  # a full model ships the pipeline (an adapter loads onto a base that does)
+        save_grounding_pipeline(model, Path(args.output) / "final")
     trainer.save_model(str(Path(args.output) / "final"))
     processor.save_pretrained(str(Path(args.output) / "final"))
 

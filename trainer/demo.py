@@ -13,6 +13,7 @@ from transformers import TrainingArguments, set_seed
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 from perceptiongpt.hub_cards import model_card
 from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
+from perceptiongpt.processing.pipeline_visual_grounding import save_grounding_pipeline
 from perceptiongpt.processing.processing_perceptiongpt import build_processor
 from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset, generate_synthetic_samples
 from perceptiongpt.processing.templates import template_corpus
@@ -170,6 +171,7 @@ def _save_examples(path, rows, predictions):
 
 
 def _save_model(path, model, processor, metrics, recipe):
+    save_grounding_pipeline(model, path)  # `pipeline("visual-grounding", model=path, trust_remote_code=True)`
     model.save_pretrained(path)
     processor.save_pretrained(path)
     training = (

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
+from peft import PeftModel
 from transformers import Trainer
 
 from perceptiongpt.hub_cards import ADAPTER_TAGS, TAGS, model_card, retarget_model_card
+from perceptiongpt.processing.pipeline_visual_grounding import save_grounding_pipeline
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -42,6 +44,8 @@ DEFAULT_COMMIT_MESSAGE = "Upload PerceptionGPT model, processor, code and card"
 
 def _save_trainer(trainer: Trainer, folder: Path) -> None:
     # save_pretrained, not trainer.save_model: the latter also writes the pickled training_args.bin.
+    if not isinstance(trainer.model, PeftModel):  # an adapter loads onto a base that ships the pipeline
+        save_grounding_pipeline(trainer.model, folder)
     trainer.model.save_pretrained(folder)
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(folder)
