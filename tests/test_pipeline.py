@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import BLOCK_PACKAGE, VIS, subprocess_env
 from PIL import Image
@@ -51,6 +52,15 @@ def test_pipeline_returns_the_generated_objects_in_pixels(tmp_path):
         assert [found["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] == [int(round(v)) for v in box]
         assert abs(found["score"] - score) < 1e-6 and found["mask"].size == (40, 24) and found["mask"].mode == "L"
     batched = pipe([image, image], prompt="Where is the circle?", max_new_tokens=6, do_sample=False)
+    inferred = pipeline(model=str(folder), trust_remote_code=True)  # the one custom task of the folder
+    assert type(inferred).__name__ == "VisualGroundingPipeline"
+    assert (
+        inferred(image, prompt="Where is the circle?", max_new_tokens=6, do_sample=False)["objects"] == out["objects"]
+    )
+    with pytest.raises(ValueError, match="has 1 `<vis>` tokens but 0 regions"):  # the processor's own error
+        pipe(image, prompt="What is in <vis>?")
+    with pytest.raises(ValueError, match="`prompt` must be a non-empty question"):
+        pipe(image)
     for each in batched:  # a list of images: one result per image, each the single call's
         assert each["generated_text"] == out["generated_text"]
         assert [o["box"] for o in each["objects"]] == [o["box"] for o in out["objects"]]
