@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import IMAGE, VIS
-from transformers import TrainingArguments
+from conftest import IMAGE, VIS, training_arguments
 
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 from perceptiongpt.processing.collator import IGNORE_INDEX, DataCollatorForPerceptionGPT
@@ -165,21 +164,7 @@ def test_packed_training_matches_padded_training(processor, tmp_path):
         torch.manual_seed(0)
         model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny"))
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-        args = TrainingArguments(
-            output_dir=str(tmp_path / "out"),
-            max_steps=2,
-            per_device_train_batch_size=4,
-            learning_rate=1e-1,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            remove_unused_columns=False,
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-        )
+        args = training_arguments(tmp_path / "out", learning_rate=1e-1, optim="sgd")
         trainer = PerceptionGPTTrainer(
             model=model, args=args, train_dataset=train_rows, data_collator=collator, processing_class=processor
         )
