@@ -34,6 +34,7 @@ from .processing.pipeline_visual_grounding import TASK, VisualGroundingPipeline,
 from .processing.processing_perceptiongpt import PerceptionGPTProcessor
 from .processing.processing_perceptiongpt_idefics3 import PerceptionGPTIdefics3Processor, PerceptionGPTSmolVLMProcessor
 from .processing.processing_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLProcessor
+from .streaming_perceptiongpt import GroundedObject, ObjectStreamer
 
 
 AutoConfig.register(PerceptionGPTConfig.model_type, PerceptionGPTConfig, exist_ok=True)
@@ -79,7 +80,9 @@ def from_base(base_model_or_path, processor=None, vis_token: str = "<vis>", **co
 
 __all__ = [
     "BoxHeadConfig",
+    "GroundedObject",
     "MaskHeadConfig",
+    "ObjectStreamer",
     "PerceptionConfigMixin",
     "PerceptionGPTBeamGenerateOutput",
     "PerceptionGPTCausalLMOutput",

@@ -15,6 +15,7 @@ from transformers import GenerationMixin, LogitsProcessorList, SuppressTokensLog
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .region_inputs import last_image_index_per_row
+from .streaming_perceptiongpt import GroundedObject, _EndDeferred
 
 
 @dataclass
@@ -57,6 +58,7 @@ class PerceptionGenerationState:
         self.mask_features = None  # (N_img, g*g, C) fused patches, unexpanded
         self.sample_image = None  # (B,) index of each sample's last image (that of its generated `<vis>`), or -1
         self.image_states = None  # (B, g*g, D) LLM states at each sample's last image, for boxes that read them
+        self.streamer = None  # the caller's streamer when it takes objects (`on_object`)
 
     def sample_of(self, row: int, num_rows: int) -> int:
         return row // max(num_rows // self.batch_size, 1)
@@ -144,6 +146,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         batch_size, prompt_length = _prompt_shape(input_ids, kwargs)
         state = PerceptionGenerationState(batch_size, prompt_length)
         state.image_states = _given_image_states(kwargs.pop("image_states", None), batch_size)
+        if callable(getattr(kwargs.get("streamer"), "on_object", None)):
+            state.streamer, kwargs["streamer"] = kwargs["streamer"], _EndDeferred(kwargs["streamer"])
         if kwargs.get("pixel_values") is not None:  # encoded once, with the mask decoder's features
             image_kwargs = {name: kwargs[name] for name in self._image_encoder_kwargs if kwargs.get(name) is not None}
             images = self.encode_images(kwargs.pop("pixel_values"), **image_kwargs)
@@ -158,7 +162,12 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             perception_state=state,
             **kwargs,
         )
-        if not isinstance(out, (GenerateDecoderOnlyOutput, GenerateBeamDecoderOnlyOutput)):
+        is_dict = isinstance(out, (GenerateDecoderOnlyOutput, GenerateBeamDecoderOnlyOutput))
+        if is_dict or state.streamer is not None:
+            self._decode_last_step(out.sequences if is_dict else out, state)
+        if state.streamer is not None:
+            state.streamer.end()
+        if not is_dict:
             return out
         fields = self._collect_generated_regions(out.sequences, state)
         cls = (
@@ -251,6 +260,37 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
                 todo.append((key, sample, state.pending[state.key(sample, input_ids[r, :-1])]))
         if todo:
             self._decode_into_records(state, todo)
+        self._stream_objects(state, input_ids, rows)
+
+    def _decode_last_step(self, sequences, state):
+        """A `<vis>` produced by the very last step was never fed back: decodes it from the last forward's states."""
+        rows = sequences.shape[0]
+        last = [r for r in range(rows) if sequences[r, -1] == self.config.vis_token_id]
+        todo = {}
+        for r in last:
+            sample = state.sample_of(r, rows)
+            key = state.key(sample, sequences[r])
+            if key not in state.records:
+                todo[key] = (key, sample, state.pending[state.key(sample, sequences[r, :-1])])
+        if todo:
+            self._decode_into_records(state, list(todo.values()))
+        self._stream_objects(state, sequences, last)
+
+    def _stream_objects(self, state, sequences, rows):
+        """Hands the newest `<vis>` of each of `rows` (decoded) to the streamer, with its mask where it has an image."""
+        if state.streamer is None or not rows:
+            return
+        samples = [state.sample_of(r, sequences.shape[0]) for r in rows]
+        records = [state.records[state.key(s, sequences[r])] for r, s in zip(rows, samples)]
+        masks = [None] * len(rows)
+        has_image, features = self._image_inputs(state, samples)
+        if has_image is not None and has_image.any() and getattr(state.streamer, "stream_masks", True):
+            decoded = self.mask_decoder(torch.stack([h for _, h, _ in records]), features)  # (N, S, S)
+            masks = [decoded[i] if has_image[i] else None for i in range(len(rows))]
+        for r, (box, _, score), mask in zip(rows, records, masks):
+            index = int((sequences[r, state.prompt_length :] == self.config.vis_token_id).sum()) - 1
+            obj = GroundedObject(row=r, index=index, position=sequences.shape[1] - 1, box=box, score=score, mask=mask)
+            state.streamer.on_object(obj)
 
     def _decode_into_records(self, state, todo):
         hidden = torch.stack([h for _, _, (h, _) in todo])  # (N, D)
@@ -301,15 +341,6 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
 
     def _collect_generated_regions(self, sequences, state):
         rows = sequences.shape[0]
-        # a `<vis>` produced by the very last step was never fed back: decode it from the last forward's states
-        last = [(r, state.sample_of(r, rows)) for r in range(rows) if sequences[r, -1] == self.config.vis_token_id]
-        todo = [
-            (state.key(s, sequences[r]), s, state.pending[state.key(s, sequences[r, :-1])])
-            for r, s in last
-            if state.key(s, sequences[r]) not in state.records
-        ]
-        if todo:
-            self._decode_into_records(state, todo)
         fields = {"pred_boxes": [], "pred_masks": [], "vis_scores": [], "vis_positions": []}
         per_row = []
         for r in range(rows):

@@ -261,5 +261,24 @@ class PerceptionProcessorMixin:
             )
         return results
 
+    def post_process_object(self, obj, image_size, mask_threshold: float = 0.0) -> dict:
+        """One object streamed by `generate(..., streamer=...)` (a `GroundedObject`: normalized `box` (4,), `score`,
+        `mask` (S, S) logits or None) -> `{"box": FloatTensor (4,) pixel xyxy, "score": float, "mask": BoolTensor
+        (H, W) or None}` on the original (H, W) `image_size`, exactly as `post_process_generation` converts it."""
+        if not all(hasattr(obj, name) for name in ("box", "score", "mask")):
+            raise TypeError(
+                f"`obj` must be a streamed object with `box`, `score` and `mask`, got {type(obj).__name__}."
+            )
+        if not isinstance(image_size, (list, tuple)) or len(image_size) != 2:
+            raise TypeError(f"`image_size` must be the original (H, W), got {image_size!r}.")
+        geometry = self.image_geometry(tuple(int(v) for v in image_size))
+        box = torch.as_tensor(obj.box).detach().float().cpu().reshape(1, 4)
+        mask = None if obj.mask is None else mask_logits_frame_to_pixel(obj.mask[None], geometry, mask_threshold)[0]
+        return {
+            "box": boxes_xyxy_normalized_to_pixel(box, geometry)[0],
+            "score": float(obj.score),
+            "mask": mask,
+        }
+
 
 __all__ = ["PerceptionProcessorMixin"]

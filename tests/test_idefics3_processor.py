@@ -170,6 +170,16 @@ def test_without_image_splitting_the_global_image_is_the_only_tile(folder):
     assert out.image_outputs.mask_features.shape[0] == 1 and out.box_l1_loss > 0
 
 
+def test_pipeline_batches_images_with_different_tile_counts(folder, tmp_path):
+    from test_pipeline import assert_batched_pipeline_equals_one_by_one
+
+    model, processor = _converted(folder[1])
+    with torch.no_grad():  # `<vis>` likely, so that boxes come out
+        model.lm_head.weight[processor.vis_token_id] = model.model.text_model.norm.weight * 3
+    images = [square_image(30, 50, (5, 3, 21, 25)), square_image(12, 12, (2, 2, 8, 10))]  # 2x1 tiles + global; 1
+    assert_batched_pipeline_equals_one_by_one(model, processor, tmp_path / "model", images, "Find it:")
+
+
 def test_accumulation_matches_one_big_batch_and_the_box_loss_falls(folder, tmp_path):
     from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
 

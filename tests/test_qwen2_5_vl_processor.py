@@ -114,6 +114,16 @@ def test_generate_returns_pixel_boxes_on_the_originalsquare_image(qwen_folder):
     assert results[0]["masks"].shape == (len(out.pred_boxes[0]), 30, 50)
 
 
+def test_pipeline_batches_images_of_different_sizes(qwen_folder, tmp_path):
+    from test_pipeline import assert_batched_pipeline_equals_one_by_one
+
+    model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
+    with torch.no_grad():  # `<vis>` likely, so that boxes come out
+        model.lm_head.weight[processor.vis_token_id] = model.model.language_model.norm.weight * 3
+    images = [square_image(30, 50, (5, 3, 21, 25)), square_image(40, 24, (2, 2, 12, 20))]  # different grids
+    assert_batched_pipeline_equals_one_by_one(model.eval(), processor, tmp_path / "model", images, "Find it:")
+
+
 def test_box_loss_falls_in_a_short_training_run(qwen_folder):
     """A few hundred steps of synthetic REC (one white square per image) on the tiny Qwen2.5-VL."""
     torch.manual_seed(0)
