@@ -97,7 +97,7 @@ def test_help_documents_every_flag():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"demo", "train", "eval", "predict"}
+    assert set(commands) == {"demo", "train", "eval", "predict", "app"}
     for name, command in commands.items():
         flags = [a for a in command._actions if a.option_strings and a.dest != "help"]
         assert flags and all(a.help for a in flags), name

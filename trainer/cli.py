@@ -1,4 +1,4 @@
-"""The `perceptiongpt` command: demo, train, eval and predict. `perceptiongpt <command> --help` documents each flag."""
+"""The `perceptiongpt` command: demo, train, eval, predict and app. `perceptiongpt <command> --help` documents each flag."""
 
 import argparse
 import json
@@ -89,6 +89,34 @@ def _add_predict(sub):
         default=None,
         help="where the image goes relative to the question; default: the layout saved with the model's processor",
     )
+
+
+def _add_app(sub):
+    p = sub.add_parser("app", help="an interactive grounding app (Gradio; `pip install perceptiongpt[app]`)")
+    p.add_argument("--model", required=True, help="a saved PerceptionGPT folder or repo id, or a base VLM folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    p.add_argument("--share", action="store_true", help="a public Gradio share link (needs the network)")
+    p.add_argument("--examples", type=int, default=4, help="held-out synthetic scenes offered as examples")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget per answer")
+
+
+def _app(args):
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    from transformers import pipeline
+
+    from perceptiongpt.processing.synthetic import SyntheticConfig, generate_synthetic_samples
+
+    from .app import build_app
+
+    model, processor = _load(args.model)
+    pipe = pipeline("visual-grounding", model=model, processor=processor)
+    rows = generate_synthetic_samples(SyntheticConfig.demo(), "test", args.examples)
+    examples = [(row["image"], row["messages"][0]["content"]) for row in rows]
+    app = build_app(pipe, examples, max_new_tokens=args.max_new_tokens)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
 def _load(model_ref):
@@ -225,7 +253,7 @@ def _predict(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="perceptiongpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_train, _add_eval, _add_predict):
+    for add in (_add_demo, _add_train, _add_eval, _add_predict, _add_app):
         add(sub)
     return parser
 
@@ -237,7 +265,7 @@ def main(argv=None):
 
         print(json.dumps(run_demo(args.output, steps=args.steps, seed=args.seed), indent=2))
     else:
-        {"train": _train, "eval": _eval, "predict": _predict}[args.command](args)
+        {"train": _train, "eval": _eval, "predict": _predict, "app": _app}[args.command](args)
 
 
 if __name__ == "__main__":
