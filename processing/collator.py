@@ -37,7 +37,23 @@ def decode_rle(rle: dict, name: str) -> np.ndarray:
 
 
 def _is_encoded(row) -> bool:
-    return isinstance(row.get("input_ids"), torch.Tensor) and "labels" in row
+    return "input_ids" in row and "labels" in row
+
+
+def _as_tensors(row: dict) -> dict:
+    """A pre-encoded row as tensors with their shapes: `encode`'s own output, or a row of
+    `encode_grounding_dataset` (numpy, where an empty slot axis lost its trailing sizes)."""
+    if isinstance(row["input_ids"], torch.Tensor):
+        return row
+    out = {key: torch.from_numpy(np.array(value)) for key, value in row.items()}  # copies: Arrow's are read-only
+    out["vis_boxes"] = out["vis_boxes"].reshape(1, -1, 4).float()  # (1, K, 4)
+    if "vis_masks" in out and not out["vis_mask_valid"].any():  # the all-invalid placeholder of a maskless row
+        del out["vis_masks"], out["vis_mask_valid"]
+    elif "vis_masks" in out:
+        side = out["vis_masks"].shape[-1]
+        out["vis_masks"] = out["vis_masks"].reshape(1, -1, side, side).bool()  # (1, K, m, m)
+        out["vis_mask_valid"] = out["vis_mask_valid"].reshape(1, -1).bool()  # (1, K)
+    return out
 
 
 class DataCollatorForPerceptionGPT:
@@ -142,7 +158,7 @@ class DataCollatorForPerceptionGPT:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         samples = []
         for index, row in enumerate(rows):
-            encoded = row if _is_encoded(row) else self.encode(row, index)
+            encoded = _as_tensors(row) if _is_encoded(row) else self.encode(row, index)
             length = encoded["input_ids"].shape[1]
             if self.max_length is not None and length > self.max_length:
                 message = f"`rows[{index}]` has {length} tokens, more than `max_length` = {self.max_length}."

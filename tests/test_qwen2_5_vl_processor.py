@@ -172,8 +172,8 @@ def test_cli_fine_tunes_a_base_qwen_folder(qwen_folder, tmp_path):
 
     output = tmp_path / "out"
     main(
-        ["train", "--model", str(qwen_folder), "--output", str(output), "--steps", "2", "--batch-size", "2"]
-        + ["--num-samples", "4", "--warmup-steps", "0"]
+        ["train", "--model", str(qwen_folder), "--output_dir", str(output), "--max_steps", "2"]
+        + ["--per_device_train_batch_size", "2", "--num_samples", "4", "--warmup_steps", "0", "--use_cpu", "true"]
     )
     model = AutoModelForImageTextToText.from_pretrained(output / "final")
     assert type(model).__name__ == "PerceptionGPTQwen2_5_VLForConditionalGeneration"

@@ -19,10 +19,10 @@ def _add_demo(sub):
 def _add_data_flags(p):
     p.add_argument(
         "--dataset",
-        choices=("synthetic", "refcoco-refer", "refcoco-parquet"),
         default="synthetic",
-        help="synthetic: the embedded dataset; refcoco-refer: refs(*).p + instances.json; "
-        "refcoco-parquet: the HF parquet layout",
+        help="synthetic: the embedded dataset; refcoco-refer: refs(*).p + instances.json; refcoco-parquet: the HF "
+        "parquet layout; or anything `datasets` loads in the grounding schema (Hub id, save_to_disk folder, "
+        ".jsonl/.json/.parquet/.csv file)",
     )
     p.add_argument("--data-dir", help="refer layout: folder with refs(*).p and instances.json")
     p.add_argument("--images-dir", help="refer layout: the COCO train2014 image folder")
@@ -39,32 +39,18 @@ def _add_data_flags(p):
         choices=IMAGE_POSITIONS,
         default=None,
         help="put the image before the question (first) or after it (after_text); default: the layout saved with "
-        "the model's processor (train: an override is saved with the fine-tuned model)",
+        "the model's processor",
     )
 
 
 def _add_train(sub):
-    p = sub.add_parser("train", help="fine-tune a PerceptionGPT folder, or a base VLM, on a supported dataset")
-    p.add_argument(
-        "--model",
-        required=True,
-        help="a saved PerceptionGPT folder (model + processor) or repo id, or a base VLM of a supported family "
-        "(llava, qwen2_5_vl, idefics3, smolvlm), which gets `<vis>` and fresh heads",
+    # parsed by `train_cli` (HfArgumentParser: every TrainingArguments flag); listed here for `perceptiongpt --help`
+    sub.add_parser(
+        "train",
+        help="fine-tune a PerceptionGPT folder, or a base VLM, on any grounding dataset; "
+        "`perceptiongpt train --help` lists every flag, TrainingArguments' included",
+        add_help=False,
     )
-    p.add_argument("--output", required=True, help="output folder (checkpoints and the final model)")
-    p.add_argument(
-        "--lora",
-        choices=("none", "paper", "full"),
-        default="none",
-        help="PEFT LoRA preset (none = train every weight)",
-    )
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="per-device batch size")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5)")
-    p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (paper: 100)")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
-    _add_data_flags(p)
 
 
 def _add_eval(sub):
@@ -135,63 +121,18 @@ def _load(model_ref):
 
 
 def _rows(args, default_split):
-    split = args.split or default_split
-    if args.dataset == "synthetic":
-        from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
+    from .train_cli import GroundingTrainingArguments, grounding_rows
 
-        config = SyntheticConfig(**{**SyntheticConfig.demo().__dict__, "tasks": ("rec", "res")})
-        return build_synthetic_dataset(config, split, args.num_samples)
-    from perceptiongpt.processing import refcoco
-
-    if args.dataset == "refcoco-refer":
-        if not (args.data_dir and args.images_dir):
-            raise SystemExit("--dataset refcoco-refer needs --data-dir and --images-dir")
-        return refcoco.load_refcoco_refer(args.data_dir, args.images_dir, split, task=args.task)
-    if not args.parquet:
-        raise SystemExit("--dataset refcoco-parquet needs --parquet")
-    return refcoco.load_refcoco_parquet(args.parquet, split=split, task=args.task)
-
-
-def _train(args):
-    from peft import get_peft_model
-    from transformers import TrainingArguments
-
-    from perceptiongpt.processing.collator import DataCollatorForPerceptionGPT
-    from perceptiongpt.processing.pipeline_visual_grounding import save_grounding_pipeline
-
-    from . import PerceptionGPTTrainer, lora_config
-
-    model, processor = _load(args.model)
-    if args.image_position is not None:  # the fine-tuned model is saved with the layout it was trained on
-        processor.image_position = args.image_position
-    if args.lora != "none":
-        model = get_peft_model(model, lora_config(model, preset=args.lora))
-    training_args = TrainingArguments(
-        output_dir=args.output,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="linear",
-        logging_steps=10,
-        save_steps=max(args.steps // 4, 1),
-        seed=args.seed,
-        remove_unused_columns=False,
-        report_to=[],
+    data = GroundingTrainingArguments(
+        model=args.model,
+        dataset=args.dataset,
+        num_samples=args.num_samples,
+        data_dir=args.data_dir,
+        images_dir=args.images_dir,
+        parquet=args.parquet,
+        refcoco_task=args.task,
     )
-    trainer = PerceptionGPTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=_rows(args, "train"),
-        data_collator=DataCollatorForPerceptionGPT(processor),
-        processing_class=processor,
-    )
-    trainer.train()
-    if args.lora == "none":  # a full model ships the pipeline (an adapter loads onto a base that does)
-        save_grounding_pipeline(model, Path(args.output) / "final")
-    trainer.save_model(str(Path(args.output) / "final"))
-    processor.save_pretrained(str(Path(args.output) / "final"))
+    return grounding_rows(data, args.dataset, args.split or default_split)
 
 
 def _eval(args):
@@ -259,13 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from .train_cli import train_main
+
+        train_main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         print(json.dumps(run_demo(args.output, steps=args.steps, seed=args.seed), indent=2))
     else:
-        {"train": _train, "eval": _eval, "predict": _predict, "app": _app}[args.command](args)
+        {"eval": _eval, "predict": _predict, "app": _app}[args.command](args)
 
 
 if __name__ == "__main__":
