@@ -9,11 +9,14 @@ Protocols (DESIGN.md, "Evaluation"); every box is pixel xyxy on the original ima
 - `multi_object_f1`: per sample, a Hungarian matching between predicted and ground-truth boxes that maximizes
   the number of pairs with IoU >= `iou`; true positives, predictions and ground truths are then summed over
   all samples (micro-average) before precision, recall and F1 are formed. 0/0 gives 0.
+- `region_description_accuracy` (REG): a generated description is right when, for every attribute kind its reference
+  names (size, colour, shape), it names exactly the reference's word of that kind.
 
 With no samples every score is 0.0 and "n" is 0, so that an evaluation split without a task still reports.
 """
 
 import os
+import re
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -188,4 +191,45 @@ def multi_object_f1(predictions, references, iou=0.5):
     return {"precision": precision, "recall": recall, "f1": f1, "n": len(predictions)}
 
 
-__all__ = ["METRIC_MODULES", "box_iou_xyxy", "module_path", "multi_object_f1", "rec_accuracy", "res_iou"]
+def _words(text, arg, index):
+    if not isinstance(text, str):
+        raise TypeError(f"`{arg}[{index}]` must be a string, got {type(text).__name__}.")
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def region_description_accuracy(predictions, references, vocabulary):
+    """REG: does each generated description name its target's attributes?
+
+    Args:
+        predictions: per sample, the generated text.
+        references: per sample, the reference description (e.g. "the small red circle").
+        vocabulary: attribute kind -> its words (e.g. {"size": ("small", "large"), "colour": ..., "shape": ...}).
+
+    An attribute kind that the reference names is right when the prediction names exactly the reference's word of
+    that kind (a missing word, or a second word of that kind, is wrong). Returns {"acc": all of a sample's attributes
+    right, "attr_acc": the mean over (sample, attribute) pairs, "n"}.
+    """
+    _check_lengths(predictions, references)
+    if not isinstance(vocabulary, dict) or not vocabulary:
+        raise TypeError(f"`vocabulary` must be a non-empty dict of kind -> words, got {vocabulary!r}.")
+    kinds = {kind: set(words) for kind, words in vocabulary.items()}
+    all_right = attribute_hits = attributes = 0
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        predicted, wanted = _words(prediction, "predictions", index), _words(reference, "references", index)
+        hits = [predicted & words == wanted & words for words in kinds.values() if wanted & words]
+        all_right += bool(hits) and all(hits)
+        attribute_hits += sum(hits)
+        attributes += len(hits)
+    return {"acc": _divide(all_right, len(predictions)), "attr_acc": _divide(attribute_hits, attributes),
+            "n": len(predictions)}  # fmt: skip
+
+
+__all__ = [
+    "METRIC_MODULES",
+    "box_iou_xyxy",
+    "module_path",
+    "multi_object_f1",
+    "rec_accuracy",
+    "region_description_accuracy",
+    "res_iou",
+]

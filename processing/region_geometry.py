@@ -157,10 +157,15 @@ def boxes_xyxy_pixel_to_normalized(boxes_xyxy_pixel: torch.Tensor, geometry: Ima
     return ((boxes * scale + offset) / frame).to(boxes_xyxy_pixel.dtype)
 
 
-def boxes_xyxy_normalized_to_pixel(boxes_xyxy_normalized: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
-    """(n, 4) normalized xyxy of the vision frame -> (n, 4) absolute xyxy on the original image, clipped to it."""
+def boxes_xyxy_normalized_to_pixel(
+    boxes_xyxy_normalized: torch.Tensor, geometry: ImageGeometry, clip: bool = True
+) -> torch.Tensor:
+    """(n, 4) normalized xyxy of the vision frame -> (n, 4) absolute xyxy on the original image, clipped to it unless
+    `clip=False` (the strict REC protocol scores boxes as predicted, padding included)."""
     scale, offset, frame = _affine_params(geometry)
     boxes = (boxes_xyxy_normalized.to(torch.float64) * frame - offset) / scale
+    if not clip:
+        return boxes.to(boxes_xyxy_normalized.dtype)
     limits = torch.tensor([geometry.original_width, geometry.original_height] * 2, dtype=torch.float64)
     return torch.minimum(boxes.clamp(min=0), limits).to(boxes_xyxy_normalized.dtype)
 

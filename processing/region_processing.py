@@ -205,7 +205,13 @@ class PerceptionProcessorMixin:
         return "".join(marked)
 
     def post_process_generation(
-        self, outputs, image_sizes, prompt_length=None, mask_threshold: float = 0.0, vis_marker: str | None = None
+        self,
+        outputs,
+        image_sizes,
+        prompt_length=None,
+        mask_threshold: float = 0.0,
+        vis_marker: str | None = None,
+        clip_boxes: bool = True,
     ) -> list[dict]:
         """Turn `generate(..., return_dict_in_generate=True)` output into pixel-space results, one dict per row.
 
@@ -219,6 +225,7 @@ class PerceptionProcessorMixin:
             mask_threshold: logit threshold for masks (0.0 = probability 0.5).
             vis_marker: replaces each generated `<vis>` in the text, with "{index}" the 1-based object number
                 (e.g. "[obj{index}]"); None keeps `<vis>`.
+            clip_boxes: clip boxes to the original image (False: as predicted, e.g. into the padding).
 
         Returns:
             `[{"text": str, "boxes": FloatTensor (n, 4) pixel xyxy on the original image, clipped,
@@ -254,7 +261,7 @@ class PerceptionProcessorMixin:
             results.append(
                 {
                     "text": self._decode_with_markers(sequences[row, prompt_length:].tolist(), vis_marker),
-                    "boxes": boxes_xyxy_normalized_to_pixel(boxes, geometry),
+                    "boxes": boxes_xyxy_normalized_to_pixel(boxes, geometry, clip=clip_boxes),
                     "scores": torch.as_tensor(outputs.vis_scores[row]).detach().float().cpu().reshape(-1),
                     "masks": masks,
                 }

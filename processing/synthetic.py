@@ -55,6 +55,18 @@ GROUNDING_FEATURES = datasets.Features(
         "masks": datasets.List({"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")}),
     }
 )
+# synthetic rows also carry, for REG, the regions of the scene's other objects (the region-blind control's swaps)
+SYNTHETIC_FEATURES = datasets.Features(
+    {
+        **GROUNDING_FEATURES,
+        "other_regions": datasets.List(
+            {
+                "box": datasets.List(datasets.Value("float64"), length=4),
+                "mask": {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")},
+            }
+        ),
+    }
+)
 
 _ATTRIBUTE_KINDS = ("size", "colour", "shape")  # also the word order of a noun phrase
 _RELATIONS = ("left of", "right of", "above", "below")
@@ -93,6 +105,7 @@ class SyntheticConfig:
     colour_jitter: int = 15  # per-object colour offset, below the gap between palette colours
     vary_answer: bool = False  # paraphrase answers too (see templates.build_task_messages)
     rec_masks: bool = False  # give REC rows their target's mask too: dense supervision for the same `<vis>`
+    reg_mask_fraction: float = 0.5  # REG rows whose prompt region is the target's mask (the others: its box)
 
     def __post_init__(self):
         for name, allowed in (
@@ -116,6 +129,12 @@ class SyntheticConfig:
             raise ValueError(f"`sizes` must be (name, low, high) with 0 < low <= high < 0.5, got {self.sizes!r}")
         if not 0 < self.min_visible <= 1:
             raise ValueError(f"`min_visible` must be in (0, 1], got {self.min_visible}")
+        if not 0 <= self.reg_mask_fraction <= 1:
+            raise ValueError(f"`reg_mask_fraction` must be in [0, 1], got {self.reg_mask_fraction}")
+
+    def attribute_vocabulary(self) -> dict[str, tuple]:
+        """Attribute kind -> its words: what a REG description is scored on."""
+        return {"size": tuple(name for name, _, _ in self.sizes), "colour": self.colours, "shape": self.shapes}
 
     @classmethod
     def demo(cls):
@@ -359,15 +378,25 @@ def _reading_order(objects):
     return sorted(objects, key=lambda o: (o.box_xyxy[0], o.box_xyxy[1]))
 
 
+def _region(owner, obj):
+    return {"box": list(obj.box_xyxy), "mask": _mask_rle(owner == obj.index)}
+
+
 def _make_row(task, level, scene, rng, config):
-    """One dataset row for `task` on `scene`, or None when the scene cannot support it."""
+    """(messages, boxes, masks, other regions) for `task` on `scene`, or None when the scene cannot support it."""
     _, owner, objects = scene
     template_seed = int(rng.integers(2**31))
+    if task == "reg":  # the prompt region (box or mask) -> the target's full description
+        target = objects[rng.integers(len(objects))]
+        description = _noun_phrase([(k, getattr(target, k)) for k in _ATTRIBUTE_KINDS])
+        messages = build_task_messages("reg", description, seed=template_seed, vary_answer=config.vary_answer)
+        mask = _mask_rle(owner == target.index) if rng.random() < config.reg_mask_fraction else None
+        return messages, [target.box_xyxy], [mask], [_region(owner, o) for o in objects if o is not target]
     if task == "caption":
         ordered = _reading_order(objects)
         phrases = [_noun_phrase([(k, getattr(o, k)) for k in _ATTRIBUTE_KINDS], article="a") for o in ordered]
         messages = build_task_messages("caption", phrases, seed=template_seed, vary_answer=config.vary_answer)
-        return messages, [o.box_xyxy for o in ordered], [None] * len(ordered)
+        return messages, [o.box_xyxy for o in ordered], [None] * len(ordered), []
     if task == "multi":
         for _ in range(_MAX_QUERIES):
             attrs = _random_attrs(objects[rng.integers(len(objects))], rng, nonempty=False)
@@ -377,7 +406,7 @@ def _make_row(task, level, scene, rng, config):
                 messages = build_task_messages(
                     "multi", expression, n_objects=len(matches), seed=template_seed, vary_answer=config.vary_answer
                 )
-                return messages, [o.box_xyxy for o in matches], [None] * len(matches)
+                return messages, [o.box_xyxy for o in matches], [None] * len(matches), []
         return None
     found = _find_expression(level, objects, rng, config)
     if found is None:
@@ -385,7 +414,7 @@ def _make_row(task, level, scene, rng, config):
     target, expression = found
     messages = build_task_messages(task, expression, seed=template_seed, vary_answer=config.vary_answer)
     with_mask = task == "res" or (task == "rec" and config.rec_masks)
-    return messages, [target.box_xyxy], [_mask_rle(owner == target.index) if with_mask else None]
+    return messages, [target.box_xyxy], [_mask_rle(owner == target.index) if with_mask else None], []
 
 
 def generate_synthetic_samples(config=None, split="train", num_samples=1000, seed=0, start=0):
@@ -410,20 +439,21 @@ def generate_synthetic_samples(config=None, split="train", num_samples=1000, see
                 f"No {task!r} sample at level {level!r} after {_MAX_SCENES} scenes: `config` is infeasible "
                 f"(too many or too large objects for image_size={config.image_size}, or too few attributes)"
             )
-        messages, boxes_xyxy, masks = made
+        messages, boxes_xyxy, masks, others = made
         yield {
             "image": Image.fromarray(scene[0]),
             "task": task,
             "messages": messages,
             "boxes": [list(box) for box in boxes_xyxy],
             "masks": masks,
+            "other_regions": others,
         }
 
 
 def build_synthetic_dataset(config=None, split="train", num_samples=1000, seed=0):
-    """`datasets.Dataset` of `num_samples` synthetic rows with features `GROUNDING_FEATURES`, built in memory."""
+    """`datasets.Dataset` of `num_samples` synthetic rows with features `SYNTHETIC_FEATURES`, built in memory."""
     rows = list(generate_synthetic_samples(config, split, num_samples, seed))
-    return datasets.Dataset.from_list(rows, features=GROUNDING_FEATURES, split=datasets.NamedSplit(split))
+    return datasets.Dataset.from_list(rows, features=SYNTHETIC_FEATURES, split=datasets.NamedSplit(split))
 
 
 def build_synthetic_splits(config=None, train_size=1000, validation_size=200, test_size=200, seed=0):
@@ -436,6 +466,7 @@ __all__ = [
     "BACKGROUNDS",
     "COLOURS",
     "GROUNDING_FEATURES",
+    "SYNTHETIC_FEATURES",
     "LEVELS",
     "SHAPES",
     "SPLITS",

@@ -19,9 +19,24 @@ METRIC_KEYS = {
     "res_giou",
     "steps",
     "train_seconds",
+    "steps_per_second",
     "eval_seconds",
     "n_eval_rec",
     "n_eval_res",
+    "n_eval_reg",
+    "n_eval_reg_mask",
+    "n_eval_multi",
+    "reg_acc",
+    "reg_attr_acc",
+    "reg_acc_blind",
+    "reg_mask_acc",
+    "reg_mask_attr_acc",
+    "reg_mask_acc_blind",
+    "multi_f1",
+    "multi_precision",
+    "multi_recall",
+    "multi_pred_count",
+    "multi_true_count",
 }
 
 
@@ -36,7 +51,11 @@ def test_demo_writes_metrics_examples_and_model(demo_dir):
     metrics = json.loads((demo_dir / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
     assert metrics["steps"] == 2 and metrics["n_eval_rec"] == 8 and metrics["n_eval_res"] == 8
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("rec_acc@0.5", "rec_acc@0.5_blind", "res_ciou", "res_giou"))
+    assert metrics["n_eval_reg"] + metrics["n_eval_reg_mask"] == 8 and metrics["n_eval_multi"] == 8
+    assert min(metrics["n_eval_reg"], metrics["n_eval_reg_mask"]) >= 1  # box and mask prompts are both measured
+    rates = ("rec_acc@0.5", "rec_acc@0.5_blind", "res_ciou", "res_giou", "reg_acc", "reg_mask_acc_blind", "multi_f1")
+    assert all(0.0 <= metrics[k] <= 1.0 for k in rates)
+    assert metrics["multi_true_count"] >= 2  # a multi answer grounds several objects
     assert Image.open(demo_dir / "examples.png").size[0] > 0
     card = ModelCard.load(demo_dir / "model" / "README.md")
     assert "custom_code" in card.data.tags and card.data.eval_results[0].metric_value == metrics["rec_acc@0.5"]

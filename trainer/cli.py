@@ -59,6 +59,13 @@ def _add_eval(sub):
     p.add_argument("--batch-size", type=int, default=16, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per sample")
     p.add_argument("--output", help="optional JSON file for the metrics")
+    p.add_argument(
+        "--rec-protocol",
+        choices=("standard", "strict"),
+        default="standard",
+        help="REC hits: IoU >= 0.5 on boxes clipped to the image (standard), or the papers' IoU > 0.5 on boxes as "
+        "predicted (strict)",
+    )
     _add_data_flags(p)
 
 
@@ -147,6 +154,7 @@ def _eval(args):
         max_new_tokens=args.max_new_tokens,
         image_position=args.image_position,
         progress=True,
+        rec_protocol=args.rec_protocol,
     )
     print(json.dumps(result.metrics, indent=2))
     if args.output:

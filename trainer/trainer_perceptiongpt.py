@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .evaluation import evaluate_grounding, grounding_metrics
+from .evaluation import SCORED_TASKS, evaluate_grounding, grounding_metrics
 
 
 LOSS_PARTS = ("lm_loss", "box_l1_loss", "box_giou_loss", "box_aux_loss", "mask_dice_loss", "mask_bce_loss")
@@ -109,7 +109,7 @@ class PerceptionGPTTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        rows = [row for row in dataset if row["task"] in ("rec", "res")]  # the scored ones, split evenly
+        rows = [row for row in dataset if row["task"] in SCORED_TASKS]  # the scored ones, split evenly
         with self.accelerator.split_between_processes(rows) as local_rows:
             result = evaluate_grounding(
                 model,

@@ -1,5 +1,7 @@
 """Drawing predictions on images (PIL only): boxes, translucent masks and labels."""
 
+import textwrap
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -26,6 +28,19 @@ def draw_grounding(image, boxes_xyxy=(), masks=None, labels=None, scale: int = 1
         draw.rectangle([x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)], outline=color, width=max(1, scale // 2))
         if labels is not None and index < len(labels):
             draw.text((x1 + 2, y1 + 1), str(labels[index]), fill=color)
+    return out
+
+
+def captioned(image, text: str, width_chars: int | None = None, lines: int = 3) -> Image.Image:
+    """`image` with `text` wrapped in a white band of `lines` lines under it (PIL's default font)."""
+    width_chars = width_chars or max(image.width // 6, 8)
+    wrapped = textwrap.wrap(text, width_chars)[:lines]
+    band = 12 * lines + 4
+    out = Image.new("RGB", (image.width, image.height + band), (255, 255, 255))
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for index, line in enumerate(wrapped):
+        draw.text((2, image.height + 2 + 12 * index), line, fill=(0, 0, 0))
     return out
 
 
