@@ -162,3 +162,21 @@ def test_the_strict_rec_protocol_counts_iou_above_half_on_unclipped_boxes():
     clipped = processor.post_process_generation(outputs, [(20, 40)])[0]["boxes"][0]
     as_predicted = processor.post_process_generation(outputs, [(20, 40)], clip_boxes=False)[0]["boxes"][0]
     assert clipped.tolist() == [0, 0, 40, 20] and as_predicted.tolist() == [0, -10, 40, 30]
+
+
+def test_the_transfer_domain_has_new_words_and_well_formed_rec_rows():
+    from perceptiongpt.processing.grounding_datasets import check_grounding_rows
+    from perceptiongpt.processing.synthetic_transfer import build_transfer_dataset, generate_transfer_samples
+
+    rows = build_transfer_dataset("train", 12, seed=1)
+    check_grounding_rows(rows)
+    assert list(generate_transfer_samples("train", 12, seed=1))[5]["boxes"] == rows[5]["boxes"]  # deterministic
+    for row in rows:
+        mask = decode_rle(row["masks"][0], "masks")
+        ys, xs = np.nonzero(mask)
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == row["boxes"][0]
+        words = set(row["messages"][0]["content"].lower().strip("?.").split())
+        demo_words = {w for words in SyntheticConfig.demo().attribute_vocabulary().values() for w in words}
+        assert words & {"ring", "bar", "frame", "plus"} and not words & demo_words  # none of the demo's words
+    with pytest.raises(ValueError, match="`split` must be one of"):
+        list(generate_transfer_samples("dev", 1))
