@@ -504,3 +504,24 @@ def test_dataset_card_counts_the_real_rows():
         dataset_card(splits, config, seed=2)
     with pytest.raises(TypeError, match="`config` must be a SyntheticConfig, got dict"):
         dataset_card(splits, {"image_size": 64})
+
+
+def test_train_cli_pushes_the_final_folder_with_its_pipeline_and_card(
+    tiny_model, processor, hub, tmp_path, monkeypatch
+):
+    """`perceptiongpt train --push_to_hub --hub_model_id ...`: one commit of OUTPUT_DIR/final (model, processor,
+    remote code, pipeline, card), and no push of the Trainer's own."""
+    import perceptiongpt.trainer.hub as hub_module
+    from perceptiongpt.trainer.train_cli import train_main
+
+    folder = _demo_folder(tiny_model, processor, tmp_path / "demo")
+    monkeypatch.setattr(hub_module, "HfApi", lambda: hub)
+    train_main(
+        ["--model", str(folder), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--num_samples", "4"]
+        + ["--per_device_train_batch_size", "2", "--use_cpu", "true", "--push_to_hub", "--hub_model_id", "org/cli"]
+    )
+    assert [commit["repo"] for commit in hub.commits] == ["org/cli"]
+    files = _pushed_files(hub, "org/cli")
+    assert {"model.safetensors", "config.json", "processor_config.json", "pipeline_visual_grounding.py"} <= files
+    card = ModelCard.load(hub.snapshot("org/cli") / "README.md")
+    assert "perceptiongpt train" in card.text and "org/cli" in card.text
