@@ -154,12 +154,13 @@ def test_collator_and_trainer_accumulation_match_one_big_batch(qwen_folder, tmp_
 def test_evaluation_by_generation_runs_on_qwen(qwen_folder):
     from perceptiongpt.processing.synthetic import SyntheticConfig, build_synthetic_dataset
     from perceptiongpt.trainer import evaluate_grounding
+    from perceptiongpt.trainer.evaluation import SCORED_TASKS
 
     torch.manual_seed(0)
     model, processor = perceptiongpt.from_base(str(qwen_folder), mask_grid_size=4)
     rows = build_synthetic_dataset(SyntheticConfig.demo(), "validation", 6, seed=1)
     evaluation = evaluate_grounding(model.eval(), processor, rows, batch_size=3, max_new_tokens=4)
-    counted = {row["task"] for row in rows} & {"rec", "res"}
+    counted = {row["task"] for row in rows} & set(SCORED_TASKS)
     assert len(evaluation.scored) == sum(row["task"] in counted for row in rows) > 0
     assert all(0.0 <= value <= 1.0 for key, value in evaluation.metrics.items() if key.startswith(("rec_", "res_")))
 
