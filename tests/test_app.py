@@ -111,6 +111,7 @@ def _example(pipe):
 
 
 def test_an_example_answers_with_boxes_in_the_browser(served, browser):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     url, pipe = served
@@ -131,8 +132,15 @@ def test_an_example_answers_with_boxes_in_the_browser(served, browser):
     )
     overlays = browser.find_elements(By.CSS_SELECTOR, "#annotated img.mask")  # one per box and one per mask
     assert len(overlays) == 2 * len(expected["objects"])
-    base = browser.find_element(By.CSS_SELECTOR, "#annotated img.base-image")
-    _wait_for(lambda: base.get_attribute("naturalWidth") == str(image.width), what="the annotated image to load")
+
+    def base_image_loaded():  # found afresh each time: every streamed update re-renders the element
+        try:
+            base = browser.find_element(By.CSS_SELECTOR, "#annotated img.base-image")
+            return base.get_attribute("naturalWidth") == str(image.width)
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+
+    _wait_for(base_image_loaded, what="the annotated image to load")
     browser.save_screenshot(os.environ.get("PERCEPTIONGPT_APP_SCREENSHOT", str(Path(tempfile.mkdtemp()) / "app.png")))
 
 

@@ -9,6 +9,7 @@ from pycocotools import mask as mask_utils
 from perceptiongpt.processing.synthetic import (
     COLOURS,
     GROUNDING_FEATURES,
+    SYNTHETIC_FEATURES,
     SyntheticConfig,
     _draw_scene,
     _make_row,
@@ -52,7 +53,8 @@ def test_splits_are_disjoint_and_follow_the_schema():
     assert len(images["train"]) == 30
     assert not images["train"] & images["validation"] and not images["train"] & images["test"]
     assert not images["validation"] & images["test"]
-    assert all(ds.features == GROUNDING_FEATURES for ds in splits.values())
+    assert all(ds.features == SYNTHETIC_FEATURES for ds in splits.values())  # the schema + REG's other regions
+    assert set(GROUNDING_FEATURES) <= set(SYNTHETIC_FEATURES)
 
 
 def test_rows_have_one_box_and_mask_per_vis():
@@ -67,7 +69,8 @@ def test_rows_have_one_box_and_mask_per_vis():
         assert row["image"].size == (96, 96)
         for x1, y1, x2, y2 in row["boxes"]:
             assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96
-        assert all((mask is not None) == (row["task"] == "res") for mask in row["masks"])
+        if row["task"] != "reg":  # a REG prompt region is a box or a mask
+            assert all((mask is not None) == (row["task"] == "res") for mask in row["masks"])
         if row["task"] == "reg":
             assert VIS in row["messages"][0]["content"] and VIS not in row["messages"][1]["content"]
 
@@ -159,7 +162,7 @@ def test_demo_expressions_pick_exactly_their_objects(task):
         made = scene and _make_row(task, "attribute", scene, rng, config)
         if not made:
             continue
-        messages, boxes, _ = made
+        messages, boxes, _, _ = made
         attributes = _parse_attributes(messages[0]["content"])
         matches = [o for o in scene[2] if all(getattr(o, k) == v for k, v in attributes.items())]
         expected = sorted((o.box_xyxy for o in matches)) if task == "multi" else [matches[0].box_xyxy]
