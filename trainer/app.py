@@ -138,8 +138,11 @@ def build_app(pipe, examples=None, max_new_tokens=32) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 with gr.Tab("Image"):
-                    image = gr.Image(
-                        type="pil", label="Image (click two corners to ask about a region)", elem_id="image"
+                    image = gr.Image(  # png: lossless, so the model sees the pixels it is given
+                        type="pil",
+                        format="png",
+                        label="Image (click two corners to ask about a region)",
+                        elem_id="image",
                     )
                 with gr.Tab("Paint a region"):
                     editor = gr.ImageEditor(type="pil", label="Paint the region", elem_id="editor")
@@ -149,7 +152,7 @@ def build_app(pipe, examples=None, max_new_tokens=32) -> gr.Blocks:
                     submit = gr.Button("Ask", variant="primary", elem_id="submit")
                     clear = gr.Button("Clear region", elem_id="clear")
             with gr.Column():
-                annotated = gr.AnnotatedImage(label="Answer", elem_id="annotated")
+                annotated = gr.AnnotatedImage(label="Answer", format="png", elem_id="annotated")
                 answer = gr.Textbox(label="Answer text", elem_id="answer")
                 table = gr.Dataframe(
                     headers=["object", "score", "xmin", "ymin", "xmax", "ymax"], label="Objects", elem_id="objects"
