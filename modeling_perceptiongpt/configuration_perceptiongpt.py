@@ -35,6 +35,10 @@ class BoxHeadConfig(PreTrainedConfig):
         "query": the state attends the image (see `query_source`); the box contains the attended centre;
         "mask": the box of the decoded mask (its mass centre and spread);
         "legacy_cxcywh": sigmoid cxcywh clamped to [0, 1], only for folders saved before this field existed.
+    encoder_type: how a box becomes a `<vis>` input embedding:
+        "mlp": the paper's MLP on the 4 coordinates;
+        "raster": that MLP plus a projection of the box's coverage of an `encoder_grid` x `encoder_grid` layout, so
+        the embedding says WHERE the box is in the image's own grid terms (folders without the field: "mlp").
     """
 
     model_type = "perceptiongpt_box_head"
@@ -48,10 +52,12 @@ class BoxHeadConfig(PreTrainedConfig):
     # what the "query" design attends: the fused ViT patches ("vision"), or the LLM's final states at the image
     # tokens ("llm"), which have read the question when it comes before the image
     query_source: Literal["vision", "llm"] = "llm"
+    encoder_type: Literal["mlp", "raster"] = "raster"
+    encoder_grid: int = 8  # cells per side of the "raster" encoder's layout
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        _check_positive(self, "hidden_size", "num_layers")
+        _check_positive(self, "hidden_size", "num_layers", "encoder_grid")
         if self.num_bins < 2:
             raise ValueError(f"`num_bins` must be >= 2, got {self.num_bins}.")
 
@@ -118,7 +124,7 @@ LOSS_WEIGHTS = (
 )
 # Folders saved before a head field existed were built with these designs; `from_dict` fills them in when absent.
 LEGACY_HEAD_FIELDS = {
-    "box_head_config": {"decoder_type": "legacy_cxcywh"},
+    "box_head_config": {"decoder_type": "legacy_cxcywh", "encoder_type": "mlp"},
     "mask_head_config": {"encoder_type": "mean"},
 }
 
@@ -349,7 +355,7 @@ _PRESETS = {
         "image_seq_length": 576,
         "fuse_llm_features": True,
         "region_embedding_mode": "replace",
-        "box_head_config": {"hidden_size": 512, "num_layers": 3, "decoder_type": "mlp"},
+        "box_head_config": {"hidden_size": 512, "num_layers": 3, "decoder_type": "mlp", "encoder_type": "mlp"},
         "mask_head_config": {
             "hidden_size": 1024,
             "num_hidden_layers": 2,

@@ -12,15 +12,34 @@ from .box_decoders_perceptiongpt import mlp
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig
 
 
+def box_coverage(boxes_xyxy: torch.Tensor, grid: int) -> torch.Tensor:
+    """(..., 4) normalized xyxy -> (..., grid * grid): the fraction of each cell of a grid x grid layout (row-major)
+    that the box covers. Elementwise, without branches: it traces inside a compiled decode step."""
+    edges = torch.linspace(0, 1, grid + 1, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype)
+    low, high = edges[:-1], edges[1:]  # (g,)
+
+    def cover(start, end):  # (..., 1) -> (..., g)
+        return ((torch.minimum(end, high) - torch.maximum(start, low)).clamp(min=0) * grid).clamp(max=1)
+
+    x1, y1, x2, y2 = boxes_xyxy.unsqueeze(-1).unbind(-2)
+    return (cover(y1, y2)[..., :, None] * cover(x1, x2)[..., None, :]).flatten(-2)
+
+
 class BoxEncoder(nn.Module):
-    """Normalized xyxy box -> a `<vis>` input embedding (paper: MLP 4 -> 512 -> 512 -> D)."""
+    """Normalized xyxy box -> a `<vis>` input embedding (paper: MLP 4 -> 512 -> 512 -> D); `encoder_type="raster"`
+    adds a projection of the box's coverage of the `encoder_grid` layout."""
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int):
         super().__init__()
         self.mlp = mlp(4, config.hidden_size, text_hidden_size, config.num_layers)
+        self.grid = config.encoder_grid if config.encoder_type == "raster" else None
+        self.raster = None if self.grid is None else nn.Linear(self.grid**2, text_hidden_size)
 
     def forward(self, boxes_xyxy: torch.Tensor) -> torch.Tensor:
-        return self.mlp(boxes_xyxy)  # (N, 4) -> (N, D)
+        embedding = self.mlp(boxes_xyxy)  # (..., 4) -> (..., D)
+        if self.raster is not None:
+            embedding = embedding + self.raster(box_coverage(boxes_xyxy, self.grid))  # (..., g*g) -> (..., D)
+        return embedding
 
 
 class MaskEncoder(nn.Module):

@@ -207,3 +207,29 @@ def test_mask_encoder_keeps_where_the_mask_is(preset, side, square):
         cosines[encoder_type] = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
     assert cosines["grid"] < 0.9, cosines
     assert cosines["mean"] > cosines["grid"], cosines  # the legacy global pool loses most of the location
+
+
+def test_box_coverage_and_the_raster_box_encoder():
+    from perceptiongpt import BoxHeadConfig, PerceptionGPTConfig
+    from perceptiongpt.heads_perceptiongpt import BoxEncoder, box_coverage
+
+    coverage = box_coverage(torch.tensor([[0.0, 0.0, 0.5, 0.25], [0.1, 0.1, 0.2, 0.2]]), 4).view(2, 4, 4)
+    expected = torch.zeros(2, 4, 4)
+    expected[0, 0, :2] = 1.0  # the top half-row: two whole cells
+    expected[1, 0, 0] = 0.4 * 0.4  # 0.1 of the first 0.25-wide cell, on each axis
+    torch.testing.assert_close(coverage, expected)
+    torch.manual_seed(0)
+    raster = BoxEncoder(BoxHeadConfig(hidden_size=16, num_layers=2, encoder_type="raster", encoder_grid=4), 8)
+    plain = BoxEncoder(BoxHeadConfig(hidden_size=16, num_layers=2, encoder_type="mlp"), 8)
+    plain.load_state_dict({k: v for k, v in raster.state_dict().items() if k.startswith("mlp.")})
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0]])
+    torch.testing.assert_close(raster(boxes) - plain(boxes), raster.raster(box_coverage(boxes, 4)))
+    assert raster(boxes[None]).shape == (1, 2, 8)  # any leading dims: the compiled decode step embeds (B, T, 4)
+    # new models rasterize; the paper preset and folders saved before the field keep the paper's MLP
+    assert PerceptionGPTConfig.from_preset("demo").box_head_config.encoder_type == "raster"
+    assert PerceptionGPTConfig.from_preset("paper").box_head_config.encoder_type == "mlp"
+    saved = PerceptionGPTConfig.from_preset("tiny").to_dict()
+    del saved["box_head_config"]["encoder_type"]
+    assert PerceptionGPTConfig.from_dict(saved).box_head_config.encoder_type == "mlp"
+    with pytest.raises(ValueError, match="encoder_grid"):
+        BoxHeadConfig(encoder_grid=0)
