@@ -138,20 +138,28 @@ class QueryBoxDecoder(nn.Module):
         self.extent = mlp(2 * d, d, 4, max(config.num_layers - 1, 1))
         self.extent[-1].zero_init = True  # half of the room on each side at the start
 
+    def project_patches(self, patches):
+        """(N, P, C) patches -> their (keys, values), each (N, P, d): generate() projects each sample's once and passes
+        the pair as `image_features`, instead of projecting them again for every decoded `<vis>`."""
+        patches = patches.to(self.key.weight.dtype)
+        return self.key(patches), self.value(patches)
+
     def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+        """image_features: (N, P, C) patches, or their `project_patches` pair."""
         query = self.query(hidden.to(self.query.weight.dtype))  # (N, d)
         centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
         attended = torch.zeros_like(query)  # (N, d)
         patch_logits = hidden.new_zeros(len(hidden), self.grid_size**2, dtype=torch.float32)  # (N, P)
         if image_features is not None and has_image is not None and has_image.any():
-            feats = image_features[has_image].to(query.dtype)  # (N_img, P, C)
+            projected = image_features if isinstance(image_features, tuple) else self.project_patches(image_features)
+            keys, values = (part[has_image].to(query.dtype) for part in projected)  # (N_img, P, d) each
             q = query[has_image]  # (N_img, d)
-            scores = torch.einsum("nd,npd->np", q, self.key(feats)) / math.sqrt(q.shape[-1])  # (N_img, P)
+            scores = torch.einsum("nd,npd->np", q, keys) / math.sqrt(q.shape[-1])  # (N_img, P)
             patch_logits = patch_logits.index_put((has_image.nonzero(as_tuple=True)[0],), scores.float())
             attention = scores.float().softmax(-1)  # (N_img, P)
             centres = patch_centres(self.grid_size, device=attention.device)  # (P, 2)
             centre = centre.index_put((has_image.nonzero(as_tuple=True)[0],), attention @ centres)
-            values = torch.einsum("np,npd->nd", attention.to(feats.dtype), self.value(feats))  # (N_img, d)
+            values = torch.einsum("np,npd->nd", attention.to(values.dtype), values)  # (N_img, d)
             attended = attended.index_put((has_image.nonzero(as_tuple=True)[0],), values)
         spread = self.extent(torch.cat([query, attended], dim=-1)).float().sigmoid()  # (N, 4)
         return BoxPrediction(box_around_centre_xyxy(centre, spread), patch_logits=patch_logits)

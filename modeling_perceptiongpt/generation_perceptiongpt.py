@@ -59,6 +59,7 @@ class PerceptionGenerationState:
         self.sample_image = None  # (B,) index of each sample's last image (that of its generated `<vis>`), or -1
         self.image_states = None  # (B, g*g, D) LLM states at each sample's last image, for boxes that read them
         self.streamer = None  # the caller's streamer when it takes objects (`on_object`)
+        self.projected_states = None  # (keys, values) of image_states, for a box head that reads them
 
     def sample_of(self, row: int, num_rows: int) -> int:
         return row // max(num_rows // self.batch_size, 1)
@@ -302,7 +303,11 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
                 "does not recompute: pass `image_states=out.image_states` from the call that saw the image (with "
                 "`return_dict_in_generate=True`), or generate again from the whole conversation without `cache`."
             )
-        image_states = None if state.image_states is None else state.image_states[samples]  # (N, g*g, D)
+        image_states = None  # as the query design reads them: keys and values, projected once per generate()
+        if state.image_states is not None and self.box_decoder.reads_llm_image_states:
+            if state.projected_states is None:
+                state.projected_states = self.box_decoder.project_patches(state.image_states)  # (B, g*g, d) x 2
+            image_states = tuple(part[samples] for part in state.projected_states)  # (N, g*g, d) x 2
         no_masks = torch.zeros(len(todo), dtype=torch.bool, device=hidden.device)  # only boxes are fed back
         boxes = self.decode_regions(hidden, features, has_image, no_masks, image_states)[0].boxes
         for i, (key, _, (h, score)) in enumerate(todo):  # copies: a view would keep a whole forward's outputs alive

@@ -141,7 +141,7 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         (N,) is False); want_masks (N,) bool. Returns a `BoxPrediction` (boxes (N, 4) normalized xyxy) and mask
         logits (N_m, S, S) for the rows `want_masks & has_image` in order, or None when there are none. A box
         decoder that reads masks (`decoder_type="mask"`) gets them for every row with an image; one that reads the
-        LLM's image states gets `image_states` (N, g*g, D).
+        LLM's image states gets `image_states` (N, g*g, D), or their `project_patches` pair.
         """
         has_image = (
             torch.zeros(len(hidden), dtype=torch.bool, device=hidden.device) if has_image is None else has_image
@@ -152,9 +152,11 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         patches = image_states if self.box_decoder.reads_llm_image_states else image_features
         weight = next(self.box_decoder.parameters(), None)  # the "mask" design has none
         dtype = hidden.dtype if weight is None else weight.dtype  # fp32 under a bf16 model (`_keep_in_fp32_modules`)
+        if patches is not None and not isinstance(patches, tuple):  # a tuple: the query design's projected patches
+            patches = patches.to(dtype)
         box = self.box_decoder(
             hidden.to(dtype),
-            None if patches is None else patches.to(dtype),
+            patches,
             has_image,
             None if masks is None else masks.to(dtype),
         )
