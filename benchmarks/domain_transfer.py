@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main(argv=None):
         eval_dataset=held_out,
         data_collator=collator,
         args=TrainingArguments(
-            "/tmp/domain_transfer",
+            tempfile.mkdtemp(prefix="domain_transfer_"),  # no checkpoints are saved: save_strategy="no"
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=32,
@@ -93,7 +94,7 @@ def main(argv=None):
         f"_{key}{value}" for key, value in (("lr", args.lr), ("lora", args.lora)) if value not in (2e-4, "none")
     )
     result = {
-        "model": args.model,
+        "model": "/".join(Path(args.model).resolve().parts[-2:]),  # e.g. demo_out/model, not this machine's path
         "settings": {k: v for k, v in vars(args).items() if k != "model"},
         "acc_curve": curve.points,
         "final_acc@0.5": curve.points[-1][1],
