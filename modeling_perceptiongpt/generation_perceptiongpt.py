@@ -165,7 +165,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         )
         is_dict = isinstance(out, (GenerateDecoderOnlyOutput, GenerateBeamDecoderOnlyOutput))
         if is_dict or state.streamer is not None:
-            self._decode_last_step(out.sequences if is_dict else out, state)
+            self._decode_new_vis(state, out.sequences if is_dict else out)  # a `<vis>` of the very last step
         if state.streamer is not None:
             state.streamer.end()
         if not is_dict:
@@ -251,31 +251,18 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         state.image_states = image_token_states[last.clamp(min=0)] * has[:, None, None].to(image_token_states)
 
     def _decode_new_vis(self, state, input_ids):
-        """Decodes every row whose newest token is `<vis>`, from the state that predicted it."""
+        """Decodes every row whose newest token is `<vis>`, from the state that predicted it (also after the last
+        step, whose `<vis>` is never fed back), and streams it."""
         rows = (input_ids[:, -1] == self.config.vis_token_id).nonzero(as_tuple=True)[0].tolist()
-        todo = []
+        todo = {}  # rows with the same sample and generated suffix share one record
         for r in rows:
             sample = state.sample_of(r, input_ids.shape[0])
             key = state.key(sample, input_ids[r])
             if key not in state.records:
-                todo.append((key, sample, state.pending[state.key(sample, input_ids[r, :-1])]))
-        if todo:
-            self._decode_into_records(state, todo)
-        self._stream_objects(state, input_ids, rows)
-
-    def _decode_last_step(self, sequences, state):
-        """A `<vis>` produced by the very last step was never fed back: decodes it from the last forward's states."""
-        rows = sequences.shape[0]
-        last = [r for r in range(rows) if sequences[r, -1] == self.config.vis_token_id]
-        todo = {}
-        for r in last:
-            sample = state.sample_of(r, rows)
-            key = state.key(sample, sequences[r])
-            if key not in state.records:
-                todo[key] = (key, sample, state.pending[state.key(sample, sequences[r, :-1])])
+                todo[key] = (key, sample, state.pending[state.key(sample, input_ids[r, :-1])])
         if todo:
             self._decode_into_records(state, list(todo.values()))
-        self._stream_objects(state, sequences, last)
+        self._stream_objects(state, input_ids, rows)
 
     def _stream_objects(self, state, sequences, rows):
         """Hands the newest `<vis>` of each of `rows` (decoded) to the streamer, with its mask where it has an image."""

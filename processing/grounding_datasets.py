@@ -14,12 +14,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from .collator import ROLES
 from .templates import VIS_TOKEN
 
 
 SCHEMA = ("image", "messages", "boxes", "masks", "task")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-ROLES = ("system", "user", "assistant")
 JSON_COLUMNS = ("messages", "boxes", "masks")  # CSV cells hold them as JSON text
 
 
