@@ -58,12 +58,16 @@ class ForceToken(LogitsProcessor):
 
 
 TEXT = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8}
+MASK_GRID = 6  # the LLaVA arm's patch grid (48 px, 8 px patches)
 QWEN_IMAGE_GRID = (1, 12, 12)  # 8 px patches, 2x2 merge: 36 LLM image tokens, as the LLaVA demo's 6x6 grid
 
 
 def build_llava():
     text = {**TEXT, "num_key_value_heads": 8, "vocab_size": 1024}
-    config = PerceptionGPTConfig.from_preset("demo", text_config=text)
+    # the demo's CLIP at 48 px: 36 image tokens, as the other families here
+    config = PerceptionGPTConfig.from_preset(
+        "demo", text_config=text, vision_config={"image_size": 48}, image_seq_length=36
+    )
     torch.manual_seed(0)
     model = PerceptionGPTForConditionalGeneration(config).eval()
     fields = {k: v for k, v in config.to_dict().items() if k in LlavaConfig.__dataclass_fields__ and k != "model_type"}
@@ -80,7 +84,7 @@ def build_qwen2_5_vl():
     config = PerceptionGPTQwen2_5_VLConfig(
         **{key: value for key, value in native_config.to_dict().items() if key != "model_type"},
         vis_token_id=1004,
-        mask_grid_size=demo.patch_grid_size,
+        mask_grid_size=MASK_GRID,
         box_head_config=demo.box_head_config.to_dict(),
         mask_head_config=demo.mask_head_config.to_dict(),
     )
@@ -98,7 +102,7 @@ def build_smolvlm():
     config = PerceptionGPTSmolVLMConfig(
         **{key: value for key, value in native_config.to_dict().items() if key != "model_type"},
         vis_token_id=1004,
-        mask_grid_size=demo.patch_grid_size,
+        mask_grid_size=MASK_GRID,
         box_head_config=demo.box_head_config.to_dict(),
         mask_head_config=demo.mask_head_config.to_dict(),
     )

@@ -135,8 +135,10 @@ class QueryBoxDecoder(nn.Module):
         self.query = nn.Linear(text_hidden_size, d)
         self.key = nn.Linear(patch_width, d)
         self.value = nn.Linear(patch_width, d)
-        self.extent = mlp(2 * d, d, 4, max(config.num_layers - 1, 1))
-        self.extent[-1].zero_init = True  # half of the room on each side at the start
+        self.centre_offset = config.query_centre_offset
+        # the room covered on each side, and with `query_centre_offset` the centre's (x, y) offset
+        self.extent = mlp(2 * d, d, 6 if self.centre_offset else 4, max(config.num_layers - 1, 1))
+        self.extent[-1].zero_init = True  # half of the room on each side, no offset, at the start
 
     def project_patches(self, patches):
         """(N, P, C) patches -> their (keys, values), each (N, P, d): generate() projects each sample's once and passes
@@ -145,24 +147,29 @@ class QueryBoxDecoder(nn.Module):
         return self.key(patches), self.value(patches)
 
     def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
-        """image_features: (N, P, C) patches, or their `project_patches` pair."""
+        """image_features: (N, P, C) patches, or their `project_patches` pair; any value on rows without an image."""
         query = self.query(hidden.to(self.query.weight.dtype))  # (N, d)
         centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
         attended = torch.zeros_like(query)  # (N, d)
         patch_logits = hidden.new_zeros(len(hidden), self.grid_size**2, dtype=torch.float32)  # (N, P)
-        if image_features is not None and has_image is not None and has_image.any():
-            projected = image_features if isinstance(image_features, tuple) else self.project_patches(image_features)
-            keys, values = (part[has_image].to(query.dtype) for part in projected)  # (N_img, P, d) each
-            q = query[has_image]  # (N_img, d)
-            scores = torch.einsum("nd,npd->np", q, keys) / math.sqrt(q.shape[-1])  # (N_img, P)
-            patch_logits = patch_logits.index_put((has_image.nonzero(as_tuple=True)[0],), scores.float())
-            attention = scores.float().softmax(-1)  # (N_img, P)
-            centres = patch_centres(self.grid_size, device=attention.device)  # (P, 2)
-            centre = centre.index_put((has_image.nonzero(as_tuple=True)[0],), attention @ centres)
-            values = torch.einsum("np,npd->nd", attention.to(values.dtype), values)  # (N_img, d)
-            attended = attended.index_put((has_image.nonzero(as_tuple=True)[0],), values)
-        spread = self.extent(torch.cat([query, attended], dim=-1)).float().sigmoid()  # (N, 4)
-        return BoxPrediction(box_around_centre_xyxy(centre, spread), patch_logits=patch_logits)
+        if image_features is not None and has_image is not None:
+            # every row attends and rows without an image are masked out after: no boolean indexing, no host sync
+            # (one per decoded `<vis>` in generate())
+            keys, values = (
+                image_features if isinstance(image_features, tuple) else self.project_patches(image_features)
+            )
+            keys, values = keys.to(query.dtype), values.to(query.dtype)  # (N, P, d) each
+            scores = torch.einsum("nd,npd->np", query, keys).float() / math.sqrt(query.shape[-1])  # (N, P)
+            attention = scores.softmax(-1)  # (N, P)
+            has = has_image[:, None]  # (N, 1)
+            patch_logits = torch.where(has, scores, patch_logits)
+            centre = torch.where(has, attention @ patch_centres(self.grid_size, device=attention.device), centre)
+            attended = torch.where(has, torch.einsum("np,npd->nd", attention.to(values.dtype), values), attended)
+        out = self.extent(torch.cat([query, attended], dim=-1)).float()  # (N, 4) or (N, 6)
+        if self.centre_offset and has_image is not None:  # up to one patch; rows without an image keep the centre
+            moved = (centre + out[:, 4:].tanh() / self.grid_size).clamp(0.0, 1.0)
+            centre = torch.where(has_image[:, None], moved, centre)
+        return BoxPrediction(box_around_centre_xyxy(centre, out[:, :4].sigmoid()), patch_logits=patch_logits)
 
 
 class MaskBoxDecoder(nn.Module):

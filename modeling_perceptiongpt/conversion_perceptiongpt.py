@@ -156,7 +156,7 @@ def _assign_into_new_model(model_class, config, state, device, dtype):
     with torch.device("meta"):
         model = model_class(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    new_modules = (*PERCEPTION_MODULE_NAMES, "llm_feature_fusion")
+    new_modules = (*PERCEPTION_MODULE_NAMES, "llm_feature_fusion", "region_feature_pooling")
     wrong = [key for key in missing if key.split(".")[0] not in new_modules and ".llm_feature_fusion." not in key]
     if wrong or unexpected:
         raise ValueError(

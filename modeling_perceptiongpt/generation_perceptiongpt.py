@@ -210,6 +210,10 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             if vis_masks is not None:
                 regions.update(vis_masks=vis_masks, vis_mask_valid=vis_mask_valid)
             fed = model_inputs["input_ids"].shape[1]
+            generated = input_ids == self.config.vis_token_id  # (R, T)
+            generated[:, : state.prompt_length] = False
+            if generated.any():  # answers: as in training, a box only
+                model_inputs["vis_is_answer"] = generated[:, -fed:]
             if fed < input_ids.shape[1]:  # continuing from a given cache: only the uncached tail is fed
                 first = (input_ids[:, :-fed] == self.config.vis_token_id).sum(-1)  # (R,) slots already cached
                 regions = {name: _slots_from(value, first) for name, value in regions.items()}
@@ -253,13 +257,14 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
     def _decode_new_vis(self, state, input_ids):
         """Decodes every row whose newest token is `<vis>`, from the state that predicted it (also after the last
         step, whose `<vis>` is never fed back), and streams it."""
-        rows = (input_ids[:, -1] == self.config.vis_token_id).nonzero(as_tuple=True)[0].tolist()
+        host = input_ids.cpu()  # one device-to-host copy, not one per row
+        rows = (host[:, -1] == self.config.vis_token_id).nonzero(as_tuple=True)[0].tolist()
         todo = {}  # rows with the same sample and generated suffix share one record
         for r in rows:
-            sample = state.sample_of(r, input_ids.shape[0])
-            key = state.key(sample, input_ids[r])
+            sample = state.sample_of(r, host.shape[0])
+            key = state.key(sample, host[r])
             if key not in state.records:
-                todo[key] = (key, sample, state.pending[state.key(sample, input_ids[r, :-1])])
+                todo[key] = (key, sample, state.pending[state.key(sample, host[r, :-1])])
         if todo:
             self._decode_into_records(state, list(todo.values()))
         self._stream_objects(state, input_ids, rows)
@@ -325,10 +330,12 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
 
     def _boxes_for_newest_token(self, state, input_ids):
         """(R, T) sequences -> (R, 1, 4): the decoded box where the newest token is a `<vis>`, NaN elsewhere."""
-        rows = input_ids.shape[0]
+        host, rows = input_ids.cpu(), input_ids.shape[0]
         boxes = torch.full((rows, 1, 4), float("nan"), device=input_ids.device)
-        for r in (input_ids[:, -1] == self.config.vis_token_id).nonzero(as_tuple=True)[0].tolist():
-            boxes[r, 0] = state.records[state.key(state.sample_of(r, rows), input_ids[r])][0]
+        vis_rows = (host[:, -1] == self.config.vis_token_id).nonzero(as_tuple=True)[0].tolist()
+        if vis_rows:  # one write for all rows
+            decoded = [state.records[state.key(state.sample_of(r, rows), host[r])][0] for r in vis_rows]
+            boxes[vis_rows, 0] = torch.stack(decoded).to(boxes)
         return boxes
 
     def _collect_generated_regions(self, sequences, state):

@@ -70,6 +70,32 @@ class MaskEncoder(nn.Module):
         return self.proj(self.pool(x).flatten(1))  # (N, c * cells) -> (N, D)
 
 
+class RegionFeaturePooling(nn.Module):
+    """A prompt region's appearance: the mean of its image's fused ViT patches under the region, weighted by how much
+    of each patch it covers, projected to the text width and added to its `<vis>` embedding. The box and mask
+    encoders carry WHERE the region is; this carries WHAT is there (region features as in GPT4RoI and Osprey)."""
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(vision_hidden_size)
+        self.proj = nn.Linear(vision_hidden_size, text_hidden_size)
+
+    def region_weights(self, boxes_xyxy, masks=None, use_mask=None) -> torch.Tensor:
+        """(N, 4) normalized xyxy boxes, and (N_m, S, S) masks for the rows `use_mask` (N,) -> (N, g*g): the share of
+        each patch that a row's mask, else its box, covers."""
+        weights = box_coverage(boxes_xyxy.nan_to_num(0.0).float(), self.grid)  # (N, g*g)
+        if masks is not None:
+            weights[use_mask] = nn.functional.adaptive_avg_pool2d(masks[:, None].float(), self.grid).flatten(1)
+        return weights
+
+    def forward(self, image_features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """image_features (N, g*g, C), weights (N, g*g) -> (N, D)."""
+        weights = weights.to(image_features.dtype)
+        pooled = (weights[..., None] * image_features).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6)
+        return self.proj(self.norm(pooled))
+
+
 class LayerFusion(nn.Module):
     """Adaptive multi-layer fusion: a learned softmax-weighted sum of ViT hidden states.
 

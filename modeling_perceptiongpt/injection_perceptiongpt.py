@@ -38,9 +38,9 @@ def inject_regions(decoder, args, kwargs):
 class RegionInjection:
     """The regions of one forward, applied by the model's `embed_regions` to the decoder's `inputs_embeds`."""
 
-    def __init__(self, model, input_ids, vis_boxes, vis_masks, vis_mask_valid, vis_is_target):
+    def __init__(self, model, input_ids, vis_boxes, vis_masks, vis_mask_valid, vis_is_target, image_features=None):
         self.model, self.input_ids = model, input_ids
-        self.regions = (vis_boxes, vis_masks, vis_mask_valid, vis_is_target)
+        self.regions = (vis_boxes, vis_masks, vis_mask_valid, vis_is_target, image_features)
 
     def __call__(self, inputs_embeds):
         return self.model.embed_regions(self.input_ids, inputs_embeds, *self.regions)

@@ -22,7 +22,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .box_decoders_perceptiongpt import BOX_DECODERS, build_box_decoder
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
-from .heads_perceptiongpt import BoxEncoder, LayerFusion, MaskEncoder
+from .heads_perceptiongpt import BoxEncoder, LayerFusion, MaskEncoder, RegionFeaturePooling
 from .injection_perceptiongpt import REGIONS_IN_FLIGHT, RegionInjection, inject_regions
 from .losses_perceptiongpt import box_losses, mask_bce_loss_sum, mask_dice_loss_sum
 from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
@@ -88,6 +88,8 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         self.mask_feature_fusion = LayerFusion(config.vision_fusion_layers)
         self.box_decoder = build_box_decoder(config.box_head_config, text_hidden, vision_hidden_size, grid)
         self.mask_decoder = MaskDecoder(config.mask_head_config, text_hidden, vision_hidden_size, grid)
+        if config.pool_region_features:
+            self.region_feature_pooling = RegionFeaturePooling(vision_hidden_size, text_hidden, grid)
         self.get_decoder().register_forward_pre_hook(inject_regions, with_kwargs=True)
 
     def _init_weights(self, module):
@@ -103,9 +105,17 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         else:
             super()._init_weights(module)
 
-    def embed_regions(self, input_ids, inputs_embeds, vis_boxes, vis_masks, vis_mask_valid, vis_is_target):
+    def embed_regions(
+        self, input_ids, inputs_embeds, vis_boxes, vis_masks, vis_mask_valid, vis_is_target, image_features=None
+    ):
         """Writes each `<vis>` slot's region into its input embedding: a prompt mask through the mask encoder, else a
-        finite box through the box encoder; NaN slots keep the plain `<vis>` embedding."""
+        finite box through the box encoder; NaN slots keep the plain `<vis>` embedding. With `pool_region_features`,
+        prompt regions also get their image's patches under them (`image_features` (N_img, g*g, C) of this forward's
+        images; `vis_is_target` (B, T) marks the answer `<vis>`, which are not pooled)."""
+        if input_ids.shape[1] == 1 and vis_masks is None and vis_boxes is not None:
+            # a decode step of generate(): its `<vis>` is an answer (a box only), embedded without a host sync
+            mode, vis_id = self.config.region_embedding_mode, self.config.vis_token_id
+            return embed_boxes_branch_free(self.box_encoder, input_ids, inputs_embeds, vis_boxes, vis_id, mode)
         vis = input_ids == self.config.vis_token_id  # (B, T)
         if not vis.any():
             return inputs_embeds
@@ -113,23 +123,32 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         slots = vis_slot_index(input_ids, self.config.vis_token_id)[rows, cols]  # (M,)
         region = inputs_embeds.new_zeros(len(rows), inputs_embeds.shape[-1])  # (M, D)
         use_mask = torch.zeros_like(rows, dtype=torch.bool)  # (M,)
+        is_answer = torch.zeros_like(use_mask) if vis_is_target is None else vis_is_target[rows, cols]  # (M,)
+        masks = None
         if vis_masks is not None:
             known = slots < vis_masks.shape[1]
             use_mask[known] = vis_mask_valid.to(rows.device)[rows[known], slots[known]]
-            if vis_is_target is not None:  # answer masks are never fed back
-                use_mask &= ~vis_is_target[rows, cols]
+            use_mask &= ~is_answer  # answer masks are never fed back
             if use_mask.any():
                 masks = vis_masks.to(rows.device)[rows[use_mask], slots[use_mask]]  # (M_mask, S, S)
                 region[use_mask] = self.mask_encoder(masks).to(region)
         use_box = torch.zeros_like(use_mask)
+        boxes = inputs_embeds.new_full((len(rows), 4), float("nan"), dtype=torch.float32)  # (M, 4)
         if vis_boxes is not None:
             known = slots < vis_boxes.shape[1]
-            boxes = inputs_embeds.new_full((len(rows), 4), float("nan"), dtype=torch.float32)  # (M, 4)
             boxes[known] = vis_boxes.to(boxes)[rows[known], slots[known]]
             use_box = torch.isfinite(boxes).all(-1) & ~use_mask
             if use_box.any():
                 region[use_box] = self.box_encoder(boxes[use_box].to(inputs_embeds.dtype)).to(region)
         has = use_mask | use_box
+        if image_features is not None and self.config.pool_region_features:
+            starts = self.image_starts(input_ids)  # (B, T)
+            image_idx = image_index_per_token(starts, num_images=len(image_features))[rows, cols]  # (M,)
+            pool = has & ~is_answer & (image_idx >= 0)  # (M,)
+            if pool.any():
+                pooling = self.region_feature_pooling
+                weights = pooling.region_weights(boxes, masks, use_mask)[pool]  # (M_pool, g*g)
+                region[pool] = region[pool] + pooling(image_features[image_idx[pool]], weights).to(region)
         if self.config.region_embedding_mode == "add":
             region = region + inputs_embeds[rows, cols]
         return inputs_embeds.index_put((rows[has], cols[has]), region[has])
@@ -173,6 +192,15 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         outputs.mask_features = self.mask_feature_fusion(self.vision_layer_grids(outputs, image_kwargs))
         return outputs
 
+    def _mask_features(self, image_outputs, kwargs):
+        """`encode_images`' `mask_features`, fused again from the ViT hidden states when a device-map hook rebuilt
+        the output without that attribute."""
+        features = getattr(image_outputs, "mask_features", None)
+        if features is None:
+            image_kwargs = {name: kwargs[name] for name in self._image_encoder_kwargs if kwargs.get(name) is not None}
+            features = self.mask_feature_fusion(self.vision_layer_grids(image_outputs, image_kwargs))
+        return features
+
     def _encoded_images(self, pixel_values, mm_encoder_outputs, kwargs):
         """`mm_encoder_outputs` with the images of `pixel_values` encoded by `encode_images`, for the family forward."""
         if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
@@ -200,11 +228,14 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         vis_mask_valid=None,
         num_vis_in_batch=None,
         num_masks_in_batch=None,
+        vis_is_answer=None,
         **kwargs,
     ):
         """The family's forward with regions in and named losses out (every other argument is the family's own).
 
         vis_boxes (B, K, 4) normalized xyxy, NaN = absent; vis_masks (B, K, S, S) bool with vis_mask_valid (B, K).
+        vis_is_answer (B, T) bool: answer `<vis>` besides those `labels` supervise (generate() marks the generated
+        ones): they take their box only, never a mask or pooled image features, as in training.
         num_vis_in_batch / num_masks_in_batch: box / mask targets in the GLOBAL batch (GA window x processes); box and
         mask losses are sums over local targets divided by them, so batch splits give the same gradients. Default:
         the local counts.
@@ -223,12 +254,14 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         check_region_inputs(self.config, input_ids, vis_boxes, vis_masks, vis_mask_valid)
         if input_ids is None and (vis_boxes is not None or vis_masks is not None):
             raise ValueError("`vis_boxes`/`vis_masks` need `input_ids` to locate the `<vis>` tokens.")
-        vis_is_target = self._check_labels(labels, vis_boxes, num_vis_in_batch, kwargs)
+        vis_is_target = self._answer_vis(input_ids, labels, vis_is_answer, vis_boxes, num_vis_in_batch, kwargs)
         if pixel_values is not None:
             mm_encoder_outputs = self._encoded_images(pixel_values, mm_encoder_outputs, kwargs)
         inject = None
         if input_ids is not None and (vis_boxes is not None or vis_masks is not None):
-            inject = RegionInjection(self, input_ids, vis_boxes, vis_masks, vis_mask_valid, vis_is_target)
+            image = (mm_encoder_outputs or {}).get("image") if self.config.pool_region_features else None
+            features = None if image is None else self._mask_features(image, kwargs)
+            inject = RegionInjection(self, input_ids, vis_boxes, vis_masks, vis_mask_valid, vis_is_target, features)
         token = REGIONS_IN_FLIGHT.set(inject)
         try:
             result, hidden = self._lm_forward(
@@ -282,6 +315,18 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
             vocab_size = self.config.text_config.vocab_size
             result.lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
         return result, hidden
+
+    def _answer_vis(self, input_ids, labels, vis_is_answer, vis_boxes, num_vis_in_batch, kwargs):
+        """(B, T) bool of the answer `<vis>` (supervised by `labels`, or marked by `vis_is_answer`), or None."""
+        if vis_is_answer is not None and (input_ids is None or vis_is_answer.shape != input_ids.shape):
+            got = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(
+                f"`vis_is_answer` must be (B, T) like `input_ids` {got}, got {tuple(vis_is_answer.shape)}."
+            )
+        supervised = self._check_labels(labels, vis_boxes, num_vis_in_batch, kwargs)
+        if supervised is None or vis_is_answer is None:
+            return vis_is_answer if supervised is None else supervised
+        return supervised | vis_is_answer
 
     def _check_labels(self, labels, vis_boxes, num_vis_in_batch, kwargs):
         """(B, T) bool of the supervised answer `<vis>`, or None without labels; refuses silent zero losses."""

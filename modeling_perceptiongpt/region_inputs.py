@@ -38,13 +38,18 @@ def last_image_index_per_row(image_starts: torch.Tensor) -> torch.Tensor:
     return torch.where(images_per_row > 0, last, torch.full_like(last, -1))
 
 
-def image_index_per_token(image_starts: torch.Tensor) -> torch.Tensor:
+def image_index_per_token(image_starts: torch.Tensor, num_images: int | None = None) -> torch.Tensor:
     """(B, T) image starts -> (B, T): index into the batch's images of the latest image begun at or before each
     position of its row (the row's first image before any), -1 for rows without one.
 
     In a packed row (several samples, each with its image before its `<vis>`) each `<vis>` thus gets its own
-    sample's image; in a one-image row every position gets that image.
+    sample's image; in a one-image row every position gets that image. `num_images`: how many images were encoded,
+    when generate() repeated each sample's rows (beams, returned sequences) but encoded its images once: the rows
+    then index the unrepeated images.
     """
+    repeats = 1 if num_images is None else max(int(image_starts.sum()) // max(num_images, 1), 1)
+    if repeats > 1:
+        return image_index_per_token(image_starts[::repeats]).repeat_interleave(repeats, 0)
     images_per_row = image_starts.sum(-1)  # (B,)
     first = images_per_row.cumsum(0) - images_per_row  # (B,)
     begun = image_starts.long().cumsum(-1)  # (B, T) images begun up to t
@@ -122,25 +127,36 @@ def _check_boxes(config, input_ids, vis_boxes) -> None:
         )
     nan = torch.isnan(vis_boxes)
     given = ~nan.all(-1)  # (B, K)
-    if (nan.any(-1) & given).any():
+    partial = nan.any(-1) & given  # (B, K)
+    boxes = vis_boxes.nan_to_num(0.0, posinf=2.0, neginf=-1.0)  # (B, K, 4): NaN slots pass, +-inf fail below
+    bad = (boxes < 0).any(-1) | (boxes > 1).any(-1) | (boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])
+    bad &= given & ~partial  # (B, K)
+    extra = _extra_slots(config, input_ids, given)  # (B, K)
+    if not (partial | bad | extra).any():  # one host sync per forward (generate() calls this at every step)
+        return
+    if partial.any():
         raise ValueError("`vis_boxes` has a partly-NaN box: a slot must be all NaN (absent) or a full xyxy box.")
-    boxes = vis_boxes[given]  # (N, 4)
-    bad = ~torch.isfinite(boxes).all(-1) | (boxes < 0).any(-1) | (boxes > 1).any(-1)
-    bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if bad.any():
         raise ValueError(
             "`vis_boxes` must be normalized xyxy boxes with 0 <= x1 <= x2 <= 1 and 0 <= y1 <= y2 <= 1, got "
-            f"{boxes[bad][0].tolist()}."
+            f"{vis_boxes[bad][0].tolist()}."
         )
-    if input_ids is not None:
-        _check_slot_counts(config, input_ids, given, "vis_boxes")
+    _check_slot_counts(config, input_ids, given, "vis_boxes")
+
+
+def _extra_slots(config, input_ids, given) -> torch.Tensor:
+    """(B, K) regions given past the row's `<vis>` count (none without `input_ids`)."""
+    if input_ids is None:
+        return torch.zeros_like(given)
+    num_vis = (input_ids == config.vis_token_id).sum(-1)  # (B,)
+    slot = torch.arange(given.shape[1], device=given.device)[None]  # (1, K)
+    return given & (slot >= num_vis.to(given.device)[:, None])
 
 
 def _check_slot_counts(config, input_ids, given, name) -> None:
-    num_vis = (input_ids == config.vis_token_id).sum(-1)  # (B,)
-    slot = torch.arange(given.shape[1], device=given.device)[None]  # (1, K)
-    extra = given & (slot >= num_vis.to(given.device)[:, None])  # (B, K)
+    extra = _extra_slots(config, input_ids, given)  # (B, K)
     if extra.any():
+        num_vis = (input_ids == config.vis_token_id).sum(-1)  # (B,)
         row = int(extra.any(-1).nonzero()[0, 0])
         raise ValueError(
             f"`{name}` row {row} has {int(given[row].sum())} regions (up to slot {int(given[row].nonzero().max())}) "

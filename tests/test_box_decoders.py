@@ -233,3 +233,32 @@ def test_box_coverage_and_the_raster_box_encoder():
     assert PerceptionGPTConfig.from_dict(saved).box_head_config.encoder_type == "mlp"
     with pytest.raises(ValueError, match="encoder_grid"):
         BoxHeadConfig(encoder_grid=0)
+
+
+def test_query_centre_offset_moves_the_centre_up_to_one_patch():
+    """The offset outputs move the attended centre by tanh(o) / grid; off (and in folders saved before the field),
+    the decoder has 4 outputs and the box contains the attended centre."""
+    torch.manual_seed(0)
+    hidden, features = _inputs(4)
+    configs = [
+        PerceptionGPTConfig.from_preset("tiny", box_head_config=dict(HEADS["query"], query_centre_offset=f))
+        for f in (True, False)
+    ]
+    on, off = (PerceptionGPTForConditionalGeneration(config).box_decoder for config in configs)
+    assert on.extent[-1].out_features == 6 and off.extent[-1].out_features == 4
+    has_image = torch.ones(4, dtype=torch.bool)
+    with torch.no_grad():
+        on.extent[-1].weight.zero_()  # spread sigmoid(0) = half the room on each side: x1 = centre_x / 2
+        on.extent[-1].bias.zero_()
+        unmoved = on(hidden, features, has_image).boxes
+        on.extent[-1].bias[4:] = torch.tensor([0.5, -0.5])
+        moved = on(hidden, features, has_image).boxes
+        no_image = on(hidden, features, torch.zeros(4, dtype=torch.bool)).boxes
+    shift = torch.tensor([0.5, -0.5]).tanh() / 4  # the tiny preset's 4x4 grid
+    torch.testing.assert_close(2 * moved[:, :2], (2 * unmoved[:, :2] + shift).clamp(0, 1), atol=1e-6, rtol=0)
+    assert (2 * unmoved[:, :2] - 0.5).abs().max() > 1e-3  # the attended centre, not the image centre
+    # without an image nothing moves: the centred half box
+    torch.testing.assert_close(no_image, torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(4, 4))
+    saved = configs[0].to_dict()
+    del saved["box_head_config"]["query_centre_offset"]  # a folder saved before the field
+    assert PerceptionGPTConfig.from_dict(saved).box_head_config.query_centre_offset is False

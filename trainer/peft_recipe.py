@@ -37,6 +37,8 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
     modules_to_save = list(PERCEPTION_MODULES)
     if getattr(model.config, "fuse_llm_features", False):  # LLaVA's paper option
         modules_to_save.append("llm_feature_fusion")
+    if getattr(model.config, "pool_region_features", False):
+        modules_to_save.append("region_feature_pooling")
     vis = model.config.vis_token_id
     trainable_tokens = {"lm_head": [vis]}  # `<vis>` must be predicted
     if whole_embedding:
