@@ -1,0 +1,97 @@
+"""The demo recipe's design arms: `perceptiongpt demo` (3000 steps, every task, seed 0) with overrides of the `demo`
+preset, one arm per run, each written as a shard; `--aggregate` gathers the shards into one table.
+
+    python benchmarks/demo_ablation.py --arm 64px_pool [--seed 0] [--threads 1] [--output DIR]
+    python benchmarks/demo_ablation.py --aggregate
+
+Shards: benchmarks/results/demo_ablation/<arm>-s<seed>.json (the demo's metrics.json plus the arm's overrides);
+table: benchmarks/results/demo_ablation.json. Budgets are optimizer steps; one CPU-heavy job at a time, or each
+pinned to its own core with one thread.
+"""
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from perceptiongpt import PerceptionGPTConfig
+from perceptiongpt.trainer import demo
+
+
+RESULTS = Path(__file__).parent / "results"
+# overrides of the `demo` preset (this session's preset: 64 px, pool_region_features=True, no centre offset)
+ARMS = {
+    "48px": {"vision_config": {"image_size": 48}, "image_seq_length": 36, "pool_region_features": False},
+    "64px": {"pool_region_features": False},
+    "48px_pool": {"vision_config": {"image_size": 48}, "image_seq_length": 36},
+    "48px_pool_offset": {
+        "vision_config": {"image_size": 48},
+        "image_seq_length": 36,
+        "box_head_config": {"query_centre_offset": True},
+    },
+    "64px_pool": {},
+    "64px_pool_offset": {"box_head_config": {"query_centre_offset": True}},
+}
+KEYS = (
+    "rec_acc@0.5",
+    "rec_acc@0.5_blind",
+    "res_giou",
+    "reg_acc",
+    "reg_acc_blind",
+    "reg_mask_acc",
+    "reg_mask_acc_blind",
+    "multi_f1",
+    "steps_per_second",
+)
+
+
+def run_arm(arm, seed, threads, output):
+    overrides = ARMS[arm]
+    preset = PerceptionGPTConfig.from_preset.__func__
+
+    def from_preset(cls, name, **kwargs):  # the demo builds its config from the preset: merge the arm into it
+        for key, value in overrides.items():
+            both = isinstance(value, dict) and isinstance(kwargs.get(key), dict)
+            kwargs[key] = {**kwargs[key], **value} if both else value
+        return preset(cls, name, **kwargs)
+
+    PerceptionGPTConfig.from_preset = classmethod(from_preset)
+    try:
+        recipe = demo.DemoRecipe(**{**asdict(demo.DemoRecipe()), "threads": threads})
+        metrics = demo.run_demo(output or tempfile.mkdtemp(prefix=f"demo_{arm}_"), recipe=recipe, seed=seed)
+    finally:
+        PerceptionGPTConfig.from_preset = classmethod(preset)
+    shard = RESULTS / "demo_ablation" / f"{arm}-s{seed}.json"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    shard.write_text(json.dumps({"arm": arm, "overrides": overrides, **metrics}, indent=2))
+    print(json.dumps({key: metrics.get(key) for key in KEYS}))
+
+
+def aggregate():
+    table = {}
+    for shard in sorted((RESULTS / "demo_ablation").glob("*.json")):
+        found = json.loads(shard.read_text())
+        table[shard.stem] = {"overrides": found["overrides"], **{key: found.get(key) for key in KEYS}}
+    (RESULTS / "demo_ablation.json").write_text(json.dumps(table, indent=2))
+    print(json.dumps(table, indent=2))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arm", choices=sorted(ARMS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo's own default is 2)")
+    parser.add_argument("--output", default=None, help="the demo's output folder (default: a temporary one)")
+    parser.add_argument("--aggregate", action="store_true", help="gather the shards into one table")
+    args = parser.parse_args(argv)
+    if args.aggregate:
+        aggregate()
+    elif args.arm is None:
+        parser.error("pass --arm or --aggregate")
+    else:
+        run_arm(args.arm, args.seed, args.threads, args.output)
+
+
+if __name__ == "__main__":
+    main()
