@@ -1,10 +1,10 @@
 """The demo recipe's design arms: `perceptiongpt demo` (3000 steps, every task, seed 0) with overrides of the `demo`
 preset, one arm per run, each written as a shard; `--aggregate` gathers the shards into one table.
 
-    python benchmarks/demo_ablation.py --arm 64px_pool [--seed 0] [--threads 1] [--output DIR]
+    python benchmarks/demo_ablation.py --arm 64px_pool [--seed 0] [--lr 2e-4] [--threads 1] [--output DIR]
     python benchmarks/demo_ablation.py --aggregate
 
-Shards: benchmarks/results/demo_ablation/<arm>-s<seed>.json (the demo's metrics.json plus the arm's overrides);
+Shards: benchmarks/results/demo_ablation/<arm>[-lr<lr>]-s<seed>.json (lr only when not the recipe's) (the demo's metrics.json plus the arm's overrides);
 table: benchmarks/results/demo_ablation.json. Budgets are optimizer steps; one CPU-heavy job at a time, or each
 pinned to its own core with one thread.
 """
@@ -46,7 +46,7 @@ KEYS = (
 )
 
 
-def run_arm(arm, seed, threads, output):
+def run_arm(arm, seed, threads, output, learning_rate=None):
     overrides = ARMS[arm]
     preset = PerceptionGPTConfig.from_preset.__func__
 
@@ -58,11 +58,14 @@ def run_arm(arm, seed, threads, output):
 
     PerceptionGPTConfig.from_preset = classmethod(from_preset)
     try:
-        recipe = demo.DemoRecipe(**{**asdict(demo.DemoRecipe()), "threads": threads})
+        recipe = asdict(demo.DemoRecipe())
+        lr = recipe["learning_rate"] if learning_rate is None else learning_rate
+        recipe = demo.DemoRecipe(**{**recipe, "threads": threads, "learning_rate": lr})
         metrics = demo.run_demo(output or tempfile.mkdtemp(prefix=f"demo_{arm}_"), recipe=recipe, seed=seed)
     finally:
         PerceptionGPTConfig.from_preset = classmethod(preset)
-    shard = RESULTS / "demo_ablation" / f"{arm}-s{seed}.json"
+    name = arm if learning_rate is None else f"{arm}-lr{learning_rate:g}"
+    shard = RESULTS / "demo_ablation" / f"{name}-s{seed}.json"
     shard.parent.mkdir(parents=True, exist_ok=True)
     shard.write_text(json.dumps({"arm": arm, "overrides": overrides, **metrics}, indent=2))
     print(json.dumps({key: metrics.get(key) for key in KEYS}))
@@ -81,6 +84,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", choices=sorted(ARMS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo's own default is 2)")
     parser.add_argument("--output", default=None, help="the demo's output folder (default: a temporary one)")
     parser.add_argument("--aggregate", action="store_true", help="gather the shards into one table")
@@ -90,7 +94,7 @@ def main(argv=None):
     elif args.arm is None:
         parser.error("pass --arm or --aggregate")
     else:
-        run_arm(args.arm, args.seed, args.threads, args.output)
+        run_arm(args.arm, args.seed, args.threads, args.output, args.lr)
 
 
 if __name__ == "__main__":
