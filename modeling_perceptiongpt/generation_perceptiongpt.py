@@ -64,6 +64,12 @@ class PerceptionGenerationState:
     def sample_of(self, row: int, num_rows: int) -> int:
         return row // max(num_rows // self.batch_size, 1)
 
+    def generated_vis(self, sequences: torch.Tensor, vis_token_id: int) -> torch.Tensor:
+        """(R, T) sequences -> (R, T) bool: the `<vis>` generated after the prompt."""
+        generated = sequences == vis_token_id
+        generated[:, : self.prompt_length] = False
+        return generated
+
     def key(self, sample: int, prefix: torch.Tensor):
         """A row prefix (prompt + generated tokens) -> its key: the sample and the generated part."""
         return sample, prefix[self.prompt_length :].cpu().numpy().tobytes()
@@ -210,8 +216,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             if vis_masks is not None:
                 regions.update(vis_masks=vis_masks, vis_mask_valid=vis_mask_valid)
             fed = model_inputs["input_ids"].shape[1]
-            generated = input_ids == self.config.vis_token_id  # (R, T)
-            generated[:, : state.prompt_length] = False
+            generated = state.generated_vis(input_ids, self.config.vis_token_id)  # (R, T)
             if generated.any():  # answers: as in training, a box only
                 model_inputs["vis_is_answer"] = generated[:, -fed:]
             if fed < input_ids.shape[1]:  # continuing from a given cache: only the uncached tail is fed
@@ -322,9 +327,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         if prompt_boxes is not None:
             boxes[:, : prompt_boxes.shape[1]] = prompt_boxes.to(boxes)
         slot = is_vis.long().cumsum(-1) - 1  # (R, T)
-        generated = is_vis.clone()
-        generated[:, : state.prompt_length] = False
-        for r, t in generated.nonzero().tolist():
+        for r, t in state.generated_vis(input_ids, self.config.vis_token_id).nonzero().tolist():
             boxes[r, slot[r, t]] = state.records[state.key(state.sample_of(r, rows), input_ids[r, : t + 1])][0]
         return boxes
 
