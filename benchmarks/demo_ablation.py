@@ -1,10 +1,11 @@
 """The demo recipe's design arms: `perceptiongpt demo` (3000 steps, every task, seed 0) with overrides of the `demo`
 preset, one arm per run, each written as a shard; `--aggregate` gathers the shards into one table.
 
-    python benchmarks/demo_ablation.py --arm 64px_pool [--seed 0] [--lr 2e-4] [--threads 1] [--output DIR]
+    python benchmarks/demo_ablation.py --arm 64px_pool [--seed 0] [--recipe learning_rate=4e-4 ...] [--threads 1]
     python benchmarks/demo_ablation.py --aggregate
 
-Shards: benchmarks/results/demo_ablation/<arm>[-lr<lr>]-s<seed>.json (lr only when not the recipe's) (the demo's metrics.json plus the arm's overrides);
+Shards: benchmarks/results/demo_ablation/<arm>-lr<lr>[-<key><value>...]-s<seed>.json (the demo's metrics.json, with
+its recipe, plus the arm's overrides);
 table: benchmarks/results/demo_ablation.json. Budgets are optimizer steps; one CPU-heavy job at a time, or each
 pinned to its own core with one thread.
 """
@@ -32,6 +33,9 @@ ARMS = {
     },
     "64px_pool": {},
     "64px_pool_offset": {"box_head_config": {"query_centre_offset": True}},
+    # twice the LLM width (128 -> 256): the LLM binds the words to the patches and its image states are the box
+    # head's keys (`query_source="llm"`)
+    "64px_pool_text256": {"text_config": {"hidden_size": 256, "intermediate_size": 512}},
 }
 KEYS = (
     "rec_acc@0.5",
@@ -46,7 +50,31 @@ KEYS = (
 )
 
 
-def run_arm(arm, seed, threads, output, learning_rate=None):
+def parse_recipe(pairs):
+    """`key=value` overrides of `DemoRecipe` (values typed like the field's default)."""
+    defaults = asdict(demo.DemoRecipe())
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in defaults or key == "threads":
+            raise ValueError(
+                f"`--recipe` takes key=value with key one of {sorted(set(defaults) - {'threads'})}, got {pair!r}"
+            )
+        overrides[key] = type(defaults[key])(value)
+    return overrides
+
+
+def shard_name(arm, recipe_overrides, seed):
+    learning_rate = recipe_overrides.get("learning_rate", demo.DemoRecipe().learning_rate)
+    others = "".join(
+        f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"
+        for key, value in sorted(recipe_overrides.items())
+        if key != "learning_rate"
+    )
+    return f"{arm}-lr{learning_rate:g}{others}-s{seed}"
+
+
+def run_arm(arm, seed, threads, output, recipe_overrides):
     overrides = ARMS[arm]
     preset = PerceptionGPTConfig.from_preset.__func__
 
@@ -58,14 +86,11 @@ def run_arm(arm, seed, threads, output, learning_rate=None):
 
     PerceptionGPTConfig.from_preset = classmethod(from_preset)
     try:
-        recipe = asdict(demo.DemoRecipe())
-        lr = recipe["learning_rate"] if learning_rate is None else learning_rate
-        recipe = demo.DemoRecipe(**{**recipe, "threads": threads, "learning_rate": lr})
+        recipe = demo.DemoRecipe(**{**asdict(demo.DemoRecipe()), **recipe_overrides, "threads": threads})
         metrics = demo.run_demo(output or tempfile.mkdtemp(prefix=f"demo_{arm}_"), recipe=recipe, seed=seed)
     finally:
         PerceptionGPTConfig.from_preset = classmethod(preset)
-    name = arm if learning_rate is None else f"{arm}-lr{learning_rate:g}"
-    shard = RESULTS / "demo_ablation" / f"{name}-s{seed}.json"
+    shard = RESULTS / "demo_ablation" / f"{shard_name(arm, recipe_overrides, seed)}.json"
     shard.parent.mkdir(parents=True, exist_ok=True)
     shard.write_text(json.dumps({"arm": arm, "overrides": overrides, **metrics}, indent=2))
     print(json.dumps({key: metrics.get(key) for key in KEYS}))
@@ -84,7 +109,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", choices=sorted(ARMS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--recipe", nargs="*", default=[], help="DemoRecipe overrides, key=value")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo's own default is 2)")
     parser.add_argument("--output", default=None, help="the demo's output folder (default: a temporary one)")
     parser.add_argument("--aggregate", action="store_true", help="gather the shards into one table")
@@ -94,7 +119,7 @@ def main(argv=None):
     elif args.arm is None:
         parser.error("pass --arm or --aggregate")
     else:
-        run_arm(args.arm, args.seed, args.threads, args.output, args.lr)
+        run_arm(args.arm, args.seed, args.threads, args.output, parse_recipe(args.recipe))
 
 
 if __name__ == "__main__":

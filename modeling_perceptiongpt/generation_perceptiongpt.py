@@ -332,13 +332,15 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         return boxes
 
     def _boxes_for_newest_token(self, state, input_ids):
-        """(R, T) sequences -> (R, 1, 4): the decoded box where the newest token is a `<vis>`, NaN elsewhere."""
+        """(R, T) sequences -> (R, 1, 4): the decoded box where the newest token is a `<vis>`, NaN elsewhere; None
+        when no newest token is one (the step then runs the plain family forward, without region injection)."""
         host, rows = input_ids.cpu(), input_ids.shape[0]
-        boxes = torch.full((rows, 1, 4), float("nan"), device=input_ids.device)
         vis_rows = (host[:, -1] == self.config.vis_token_id).nonzero(as_tuple=True)[0].tolist()
-        if vis_rows:  # one write for all rows
-            decoded = [state.records[state.key(state.sample_of(r, rows), host[r])][0] for r in vis_rows]
-            boxes[vis_rows, 0] = torch.stack(decoded).to(boxes)
+        if not vis_rows:
+            return None
+        boxes = torch.full((rows, 1, 4), float("nan"), device=input_ids.device)
+        decoded = [state.records[state.key(state.sample_of(r, rows), host[r])][0] for r in vis_rows]
+        boxes[vis_rows, 0] = torch.stack(decoded).to(boxes)  # one write for all rows
         return boxes
 
     def _collect_generated_regions(self, sequences, state):

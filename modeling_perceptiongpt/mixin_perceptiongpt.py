@@ -241,15 +241,16 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         the local counts.
         """
         if is_torchdynamo_compiling():  # a traced generate step: branch-free boxes, no image, no labels
-            embeds = self.get_input_embeddings()(input_ids)
-            inputs_embeds = embed_boxes_branch_free(
-                self.box_encoder,
-                input_ids,
-                embeds,
-                vis_boxes,
-                self.config.vis_token_id,
-                self.config.region_embedding_mode,
-            )
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if vis_boxes is not None:  # None: no row feeds a `<vis>` (one more traced variant, not a data branch)
+                inputs_embeds = embed_boxes_branch_free(
+                    self.box_encoder,
+                    input_ids,
+                    inputs_embeds,
+                    vis_boxes,
+                    self.config.vis_token_id,
+                    self.config.region_embedding_mode,
+                )
             return self._lm_forward(None, inputs_embeds, None, logits_to_keep, None, kwargs)[0]
         check_region_inputs(self.config, input_ids, vis_boxes, vis_masks, vis_mask_valid)
         if input_ids is None and (vis_boxes is not None or vis_masks is not None):

@@ -161,6 +161,19 @@ def test_no_vis_and_text_only(tiny_model):
     assert _teacher_forced(tiny_model, out, text_ids, text_attention, None, text_boxes)[0] < 1e-6
 
 
+def test_a_step_without_a_new_vis_runs_no_box_encoder(tiny_model):
+    """Decode steps feed a box only when some row's newest token is `<vis>`; otherwise the family forward runs plain
+    (the box encoder ran on every step's all-NaN slot before)."""
+    ids, attention, pixels, boxes = _prompt()
+    calls = []
+    handle = tiny_model.box_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    try:
+        _generate(tiny_model, ids, attention, pixels, boxes, bad_words_ids=[[VIS]])
+    finally:
+        handle.remove()
+    assert calls == [(1, 4)]  # the prompt's one box, at prefill
+
+
 def test_image_token_is_never_sampled(tiny_model):
     with torch.no_grad():
         tiny_model.lm_head.weight[IMAGE] = tiny_model.model.language_model.norm.weight * 50
