@@ -197,6 +197,22 @@ def test_unsupported_modes_raise(tiny_model, kwargs, match):
         _generate(tiny_model, ids, attention, pixels, boxes, **kwargs)
 
 
+def test_sequences_edited_inside_generate_raise_a_clear_error(tiny_model):
+    """A processor that rewrites the newest token in place breaks the hooks' invariant (every generated token was
+    predicted by the previous step's forward): a RuntimeError that says so, not an internal KeyError."""
+
+    def rewrite_then_force_vis(input_ids, scores):
+        if input_ids.shape[1] > PROMPT:
+            input_ids[:, -1] = 5 if int(input_ids[0, -1]) != 5 else 6
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, VIS] = 0.0
+        return scores
+
+    ids, attention, pixels, boxes = _prompt()
+    with pytest.raises(RuntimeError, match=r"sample 0, generated tokens \[\d+\]\).*changed outside generate"):
+        _generate(tiny_model, ids, attention, pixels, boxes, logits_processor=[rewrite_then_force_vis])
+
+
 def test_assisted_decoding_raises(tiny_model):
     ids, attention, pixels, boxes = _prompt()
     with pytest.raises(ValueError, match="assisted decoding"):
@@ -310,8 +326,10 @@ def test_records_are_keyed_by_the_generated_suffix_and_masks_decoded_once(tiny_m
     records = seen[0].records
     assert len(records) >= 2 and all(len(key) <= 8 * 8 for _, key in records)  # int64 generated tokens only
     assert all(record[1].shape == (tiny_model.config.text_config.hidden_size,) for record in records.values())
-    for record in records.values():  # own storage: no record keeps a whole step's logits or hidden states alive
-        assert all(tensor.untyped_storage().nbytes() == tensor.nbytes for tensor in record)
+    # no record keeps a whole step's logits or hidden states alive: the storages they hold are exactly their bytes
+    tensors = [tensor for record in records.values() for tensor in record]
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
+    assert sum(storages.values()) == sum(tensor.nbytes for tensor in tensors)
     no_boxes = torch.full((2, 1, 4), NAN)
     err, count, mask_err = _teacher_forced(tiny_model, out, ids, torch.ones_like(ids), pixels, no_boxes)
     assert count >= 2 and err < 1e-6 and mask_err < 1e-5

@@ -68,6 +68,7 @@ def test_saved_folder_writes_code_and_auto_map(tiny_model, tmp_path):
         "modeling_perceptiongpt.py",
         "configuration_perceptiongpt.py",
         "generation_perceptiongpt.py",
+        "generation_state_perceptiongpt.py",
         "heads_perceptiongpt.py",
         "mask_decoder_perceptiongpt.py",
         "region_inputs.py",
