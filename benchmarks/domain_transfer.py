@@ -5,7 +5,8 @@ ImageDraw on checker/dot/wood textures, with colour and size words the demo neve
 generation on 200 held-out rows before fine-tuning and every `--eval-every` steps (REC Acc@0.5, the issue's target:
 >= 0.70 after 1,500 steps). Budgets are optimizer steps.
 
-    python benchmarks/domain_transfer.py --model demo_out/model [--steps 1500] [--lr 2e-4] [--lora none|paper]
+    python benchmarks/domain_transfer.py --model demo_out/model [--steps 1500] [--lr 2e-4] [--heads-lr 1e-3]
+        [--lora none|paper]
 
 Writes benchmarks/results/domain_transfer[_NAME].json (NAME: the non-default settings).
 """
@@ -45,6 +46,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1500, help="fine-tuning optimizer steps")
     parser.add_argument("--eval-every", type=int, default=500, help="evaluate by generation every K steps")
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    parser.add_argument("--heads-lr", type=float, default=None, help="peak lr of the heads (default: --lr)")
     parser.add_argument("--batch-size", type=int, default=16, help="per-step batch")
     parser.add_argument("--lora", choices=("none", "paper", "full"), default="none", help="PEFT LoRA preset")
     parser.add_argument("--train-size", type=int, default=4000, help="transfer rows to train on")
@@ -85,13 +87,16 @@ def main(argv=None):
             seed=args.seed,
         ),  # fmt: skip
         callbacks=[curve],
+        heads_learning_rate=args.heads_lr,
     )
     trainer.evaluate()  # step 0: the demo model on a domain it never saw
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     name = "".join(
-        f"_{key}{value}" for key, value in (("lr", args.lr), ("lora", args.lora)) if value not in (2e-4, "none")
+        f"_{key}{value}"
+        for key, value in (("lr", args.lr), ("heads_lr", args.heads_lr), ("lora", args.lora))
+        if value not in (2e-4, "none", None)
     )
     result = {
         "model": "/".join(Path(args.model).resolve().parts[-2:]),  # e.g. demo_out/model, not this machine's path

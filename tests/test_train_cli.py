@@ -117,3 +117,19 @@ def test_help_lists_the_training_arguments():
     for flag in ("--model_name_or_path", "--dataset", "--image_column", "--bf16", "--gradient_accumulation_steps",
                  "--eval_strategy", "--resume_from_checkpoint", "--push_to_hub", "--report_to", "--lora"):  # fmt: skip
         assert flag in result.stdout, flag
+
+
+def test_heads_learning_rate_flag_reaches_the_optimizer(tmp_path):
+    """`--heads_learning_rate`: one Adam step moves the heads by about 1e-2 and the rest by about 1e-3."""
+    from safetensors.torch import load_file
+
+    _, _, model = _saved(tmp_path)
+    data = _write_jsonl(tmp_path / "data")
+    output = tmp_path / "out"
+    _train(model, data, output, "--max_steps", "1", "--heads_learning_rate", "1e-2", "--weight_decay", "0",
+           "--lr_scheduler_type", "constant")  # fmt: skip
+    before, after = load_file(model / "model.safetensors"), load_file(output / "final" / "model.safetensors")
+    moved = {name: float((after[name] - before[name]).abs().max()) for name in before}
+    heads = [m for n, m in moved.items() if n.split(".")[0] in ("box_decoder", "mask_decoder", "box_encoder")]
+    others = [m for n, m in moved.items() if n.startswith("model.language_model")]
+    assert max(heads) == pytest.approx(1e-2, rel=0.02) and max(others) == pytest.approx(1e-3, rel=0.02)

@@ -272,3 +272,34 @@ def test_plain_trainer_is_refused_rather_than_mis_normalized(rows, tmp_path):
     )
     with pytest.raises(ValueError, match="`num_items_in_batch` was given without `num_vis_in_batch`.*Trainer"):
         trainer.train()
+
+
+def test_heads_learning_rate_moves_the_heads_at_their_own_rate(setup, rows, tmp_path):
+    """Adam's first step moves every parameter with a gradient by about its group's lr: 1e-2 for the heads,
+    1e-4 for the rest, with weight decay kept per group."""
+    model, processor = setup
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = PerceptionGPTTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=1, learning_rate=1e-4, weight_decay=0.0),
+        train_dataset=rows,
+        data_collator=DataCollatorForPerceptionGPT(processor),
+        processing_class=processor,
+        heads_learning_rate=1e-2,
+    )
+    trainer.train()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    heads = ("box_encoder", "box_decoder", "mask_encoder", "mask_decoder", "mask_feature_fusion")
+    head_moves = [m for n, m in moved.items() if n.split(".")[0] in heads]
+    other_moves = [m for n, m in moved.items() if n.split(".")[0] not in heads]
+    assert max(head_moves) == pytest.approx(1e-2, rel=0.02) and max(other_moves) == pytest.approx(1e-4, rel=0.02)
+    lrs = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+    assert lrs == [pytest.approx(1e-4), pytest.approx(1e-2)]
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("value", [0, -1e-3, "1e-3"])
+def test_heads_learning_rate_must_be_positive(setup, rows, tmp_path, value):
+    model, processor = setup
+    with pytest.raises(ValueError, match=r"`heads_learning_rate` must be a positive number or None, got"):
+        PerceptionGPTTrainer(model=model, args=_args(tmp_path), train_dataset=rows, heads_learning_rate=value)

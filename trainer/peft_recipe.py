@@ -34,11 +34,7 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
         raise ValueError(f"`preset` must be one of {sorted(LORA_PRESETS)}, got {preset!r}.")
     settings = dict(LORA_PRESETS[preset])
     projections = "|".join(settings.pop("projections"))
-    modules_to_save = list(PERCEPTION_MODULES)
-    if getattr(model.config, "fuse_llm_features", False):  # LLaVA's paper option
-        modules_to_save.append("llm_feature_fusion")
-    if getattr(model.config, "pool_region_features", False):
-        modules_to_save.append("region_feature_pooling")
+    modules_to_save = perception_modules(model.config)
     vis = model.config.vis_token_id
     trainable_tokens = {"lm_head": [vis]}  # `<vis>` must be predicted
     if whole_embedding:
@@ -52,6 +48,16 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
         **settings,
     )
     return LoraConfig(**{**kwargs, **overrides})
+
+
+def perception_modules(config) -> list[str]:
+    """The names of the model's perception heads (what `PERCEPTION_MODULES` lists plus the optional fusions)."""
+    modules = list(PERCEPTION_MODULES)
+    if getattr(config, "fuse_llm_features", False):  # LLaVA's paper option
+        modules.append("llm_feature_fusion")
+    if getattr(config, "pool_region_features", False):
+        modules.append("region_feature_pooling")
+    return modules
 
 
 def decoder_path(model) -> str:

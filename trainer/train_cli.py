@@ -64,6 +64,9 @@ class GroundingTrainingArguments:
     parquet: list[str] | None = field(default=None, metadata={"help": "refcoco-parquet: the parquet files"})
     refcoco_task: Literal["rec", "res"] = field(default="rec", metadata={"help": "RefCOCO rows as REC or RES"})
     lora: Literal["none", "paper", "full"] = field(default="none", metadata={"help": "PEFT LoRA preset"})
+    heads_learning_rate: float | None = field(
+        default=None, metadata={"help": "peak lr of the perception heads (default: --learning_rate)"}
+    )
     image_position: Literal["first", "after_text"] | None = field(
         default=None, metadata={"help": "image before the question or after it; default: the processor's layout"}
     )
@@ -180,6 +183,7 @@ def train_main(argv=None) -> dict:
         data_collator=collator,
         processing_class=processor,
         eval_max_new_tokens=args.eval_max_new_tokens,
+        heads_learning_rate=args.heads_learning_rate,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_rows is not None else {}

@@ -13,6 +13,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from .evaluation import SCORED_TASKS, evaluate_grounding, grounding_metrics
+from .peft_recipe import perception_modules
 
 
 LOSS_PARTS = ("lm_loss", "box_l1_loss", "box_giou_loss", "box_aux_loss", "mask_dice_loss", "mask_bce_loss")
@@ -25,11 +26,25 @@ class PerceptionGPTTrainer(Trainer):
         eval_max_new_tokens: generation budget per evaluation sample.
         eval_image_position: where the evaluation prompts put the image ("first" or "after_text"); None (default)
             takes the processor's (`processing_class`) layout, which is also the collator's default.
+        heads_learning_rate: peak learning rate of the perception heads (box/mask encoders and decoders, feature
+            fusion and pooling), on the same schedule; None (default): `args.learning_rate` for every parameter.
     `evaluate()` runs generate() on `eval_dataset` rows (DESIGN.md's schema) and reports `rec_acc@0.5`,
     `rec_miou`, `res_ciou` and `res_giou`.
     """
 
-    def __init__(self, *args, eval_max_new_tokens: int = 16, eval_image_position: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        eval_max_new_tokens: int = 16,
+        eval_image_position: str | None = None,
+        heads_learning_rate: float | None = None,
+        **kwargs,
+    ):
+        if heads_learning_rate is not None and not (
+            isinstance(heads_learning_rate, (int, float)) and heads_learning_rate > 0
+        ):
+            raise ValueError(f"`heads_learning_rate` must be a positive number or None, got {heads_learning_rate!r}.")
+        self.heads_learning_rate = heads_learning_rate  # before super(): it may build the optimizer
         super().__init__(*args, **kwargs)
         self.eval_max_new_tokens = eval_max_new_tokens
         self.eval_image_position = eval_image_position
@@ -47,6 +62,24 @@ class PerceptionGPTTrainer(Trainer):
                     raise ValueError(f"`resume_from_checkpoint=True` but {self.args.output_dir} has no checkpoint.")
             check_checkpoint(path)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """`Trainer.create_optimizer`; with `heads_learning_rate`, each parameter group is split into the heads'
+        parameters (at that rate) and the rest (at `args.learning_rate`), before any step."""
+        optimizer = super().create_optimizer(model)
+        if self.heads_learning_rate is None:
+            return optimizer
+        heads = set(perception_modules(self._perception_model.config))
+        names = {id(p): name for name, p in (self.model if model is None else model).named_parameters()}
+        groups = optimizer.param_groups
+        optimizer.param_groups = []
+        for group in groups:
+            is_head = [bool(heads & set(names.get(id(p), "").split("."))) for p in group["params"]]
+            for head, lr in ((False, group["lr"]), (True, self.heads_learning_rate)):
+                params = [p for p, h in zip(group["params"], is_head) if h == head]
+                if params:
+                    optimizer.add_param_group({**group, "params": params, "lr": lr})
+        return optimizer
 
     @property
     def _perception_model(self):
