@@ -16,15 +16,18 @@ from .box_ops import box_cxcywh_to_xyxy
 from .configuration_perceptiongpt import BoxHeadConfig
 
 
+# The box decoders are in `_keep_in_fp32_modules_strict`: built in fp32 even under a half default dtype.
+FP32 = torch.float32
+
 # Offsets that make zero logits the centred half-size box (0.25, 0.25, 0.75, 0.75): u = 1/4, f = 2/3.
 _CENTRED_OFFSETS = (math.log(1 / 3), math.log(2), math.log(1 / 3), math.log(2))
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int, num_layers: int) -> nn.Sequential:
+def mlp(in_dim: int, hidden: int, out_dim: int, num_layers: int, dtype=None) -> nn.Sequential:
     dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(a, b))
+        layers.append(nn.Linear(a, b, dtype=dtype))
         if i < num_layers - 1:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
@@ -83,7 +86,7 @@ class LegacyBoxDecoder(nn.Module):
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
-        self.mlp = mlp(text_hidden_size, config.hidden_size, 4, config.num_layers)
+        self.mlp = mlp(text_hidden_size, config.hidden_size, 4, config.num_layers, dtype=FP32)
         self.mlp[-1].zero_init = True  # read by PerceptionGPTPreTrainedModel._init_weights
 
     def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
@@ -108,7 +111,7 @@ class BinBoxDecoder(nn.Module):
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
         self.num_bins = config.num_bins
-        self.mlp = mlp(text_hidden_size, config.hidden_size, 4 * config.num_bins, config.num_layers)
+        self.mlp = mlp(text_hidden_size, config.hidden_size, 4 * config.num_bins, config.num_layers, dtype=FP32)
         self.mlp[-1].zero_init = True  # uniform bins at the start
 
     def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
@@ -132,12 +135,12 @@ class QueryBoxDecoder(nn.Module):
         self.grid_size = grid_size
         self.reads_llm_image_states = config.query_source == "llm"
         patch_width = text_hidden_size if self.reads_llm_image_states else vision_hidden_size
-        self.query = nn.Linear(text_hidden_size, d)
-        self.key = nn.Linear(patch_width, d)
-        self.value = nn.Linear(patch_width, d)
+        self.query = nn.Linear(text_hidden_size, d, dtype=FP32)
+        self.key = nn.Linear(patch_width, d, dtype=FP32)
+        self.value = nn.Linear(patch_width, d, dtype=FP32)
         self.centre_offset = config.query_centre_offset
         # the room covered on each side, and with `query_centre_offset` the centre's (x, y) offset
-        self.extent = mlp(2 * d, d, 6 if self.centre_offset else 4, max(config.num_layers - 1, 1))
+        self.extent = mlp(2 * d, d, 6 if self.centre_offset else 4, max(config.num_layers - 1, 1), dtype=FP32)
         self.extent[-1].zero_init = True  # half of the room on each side, no offset, at the start
 
     def project_patches(self, patches):

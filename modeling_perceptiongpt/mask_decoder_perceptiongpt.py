@@ -33,8 +33,21 @@ def sine_position_encoding_2d(dim: int, height: int, width: int, temperature: fl
     return torch.cat([y_enc, x_enc], dim=-1).permute(2, 0, 1).contiguous()  # (dim, h, w)
 
 
+def sam_attention(implementation: str | None) -> str:
+    """The mask decoder's attention for the model's: eager when asked, else sdpa (the decoder runs in fp32, where
+    half-precision kernels such as flash attention do not apply)."""
+    return "eager" if implementation == "eager" else "sdpa"
+
+
 class MaskDecoder(nn.Module):
-    def __init__(self, config: MaskHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
+    def __init__(
+        self,
+        config: MaskHeadConfig,
+        text_hidden_size: int,
+        vision_hidden_size: int,
+        grid_size: int,
+        attn_implementation: str | None = None,
+    ):
         super().__init__()
         d, u = config.hidden_size, config.upsample_channels
         self.grid_size = grid_size
@@ -55,7 +68,7 @@ class MaskDecoder(nn.Module):
             attention_downsample_rate=config.attention_downsample_rate,
             layer_norm_eps=config.layer_norm_eps,
         )
-        sam_config._attn_implementation = "sdpa"  # a standalone sub-config: the model-level choice never reaches it
+        sam_config._attn_implementation = sam_attention(attn_implementation)  # see `set_attn_implementation`
         self.transformer = SamTwoWayTransformer(sam_config)
         upsample, channels = [], d
         for i in range(config.num_upsample_layers):
@@ -69,6 +82,10 @@ class MaskDecoder(nn.Module):
         upsample.append(nn.Conv2d(channels, u, kernel_size=1))
         self.upsample = nn.Sequential(*upsample)
         self.hypernetwork = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, u))
+
+    def set_attn_implementation(self, implementation: str | None) -> None:
+        """Follows the model's choice: the SAM layers read it from their own config, which no sub-config reaches."""
+        self.transformer.config._attn_implementation = sam_attention(implementation)
 
     def forward(self, hidden: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """hidden (N, D): states that predict `<vis>`; image_features (N, g*g, C): fused ViT patches of each slot's
@@ -92,4 +109,4 @@ class MaskDecoder(nn.Module):
         return logits.float()  # (N, S, S)
 
 
-__all__ = ["MaskDecoder", "sine_position_encoding_2d"]
+__all__ = ["MaskDecoder", "sam_attention", "sine_position_encoding_2d"]

@@ -87,10 +87,19 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         self.mask_encoder = MaskEncoder(config.mask_head_config, text_hidden)
         self.mask_feature_fusion = LayerFusion(config.vision_fusion_layers)
         self.box_decoder = build_box_decoder(config.box_head_config, text_hidden, vision_hidden_size, grid)
-        self.mask_decoder = MaskDecoder(config.mask_head_config, text_hidden, vision_hidden_size, grid)
+        attention = self._mask_attention_implementation()
+        self.mask_decoder = MaskDecoder(config.mask_head_config, text_hidden, vision_hidden_size, grid, attention)
         if config.pool_region_features:
             self.region_feature_pooling = RegionFeaturePooling(vision_hidden_size, text_hidden, grid)
         self.get_decoder().register_forward_pre_hook(inject_regions, with_kwargs=True)
+
+    def _mask_attention_implementation(self):
+        return self.config.mask_head_config._attn_implementation or self.config._attn_implementation
+
+    def set_attn_implementation(self, attn_implementation, allow_all_kernels: bool = False):
+        """`PreTrainedModel.set_attn_implementation`, reaching the mask decoder's SAM layers too."""
+        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+        self.mask_decoder.set_attn_implementation(self._mask_attention_implementation())
 
     def _init_weights(self, module):
         if getattr(module, "zero_init", False):  # e.g. the box decoder's output layer, as in the paper

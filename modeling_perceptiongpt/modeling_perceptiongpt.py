@@ -8,6 +8,7 @@ Shapes: B batch, T tokens, P patches, C ViT width, D text hidden, g patch-grid s
 
 import torch
 from torch import nn
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.models.llava.modeling_llava import (
     LlavaForConditionalGeneration,
@@ -64,8 +65,9 @@ class PerceptionGPTModel(PerceptionGPTPreTrainedModel, LlavaModel):
             raise ValueError("`image_sizes` is not supported: PerceptionGPT uses fixed-size square vision inputs.")
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        for key in ("output_hidden_states", "return_dict"):
-            kwargs.pop(key, None)
+        kwargs.pop("return_dict", None)
+        keep_hidden = kwargs.pop("output_hidden_states", None)
+        keep_hidden = self.config.vision_config.output_hidden_states if keep_hidden is None else keep_hidden
         image_outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
         hidden_states = image_outputs.hidden_states  # num_layers + 1 tensors (N_img, 1 + g*g, C)
 
@@ -79,11 +81,13 @@ class PerceptionGPTModel(PerceptionGPTPreTrainedModel, LlavaModel):
         else:
             selected = torch.cat([select(hidden_states[i]) for i in layer], dim=-1)
         image_outputs.pooler_output = list(self.multi_modal_projector(selected))  # N_img x (P, D)
+        if not keep_hidden:  # every layer was computed for the selection; returned only when asked, as LLaVA
+            image_outputs.hidden_states = None
         return image_outputs
 
 
 class PerceptionGPTForConditionalGeneration(
-    PerceptionGPTMixin, PerceptionGPTPreTrainedModel, LlavaForConditionalGeneration
+    PerceptionGPTMixin, PerceptionGPTPreTrainedModel, LlavaForConditionalGeneration, GenerationMixin
 ):
     def __init__(self, config: PerceptionGPTConfig):
         # Skip LlavaForConditionalGeneration.__init__, which would build a plain LlavaModel.

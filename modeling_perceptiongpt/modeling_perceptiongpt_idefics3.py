@@ -10,6 +10,7 @@ Shapes: N_img tiles, P patches per tile, C ViT width, D text hidden, g mask-grid
 """
 
 import torch
+from transformers import GenerationMixin
 from transformers.models.idefics3.modeling_idefics3 import Idefics3ForConditionalGeneration
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMForConditionalGeneration
 from transformers.utils.versions import require_version
@@ -53,17 +54,23 @@ class Idefics3FamilyAdapter:
 
 
 class PerceptionGPTIdefics3ForConditionalGeneration(
-    Idefics3FamilyAdapter, PerceptionGPTMixin, PerceptionGPTLoadingMixin, Idefics3ForConditionalGeneration
+    Idefics3FamilyAdapter,
+    PerceptionGPTMixin,
+    PerceptionGPTLoadingMixin,
+    Idefics3ForConditionalGeneration,
+    GenerationMixin,
 ):
     config: PerceptionGPTIdefics3Config
     config_class = PerceptionGPTIdefics3Config
-    forward = forward_with_native_signature(
-        Idefics3ForConditionalGeneration, PerceptionGPTMixin.forward
-    )  # initializes the heads added after the family's own post_init
+    forward = forward_with_native_signature(Idefics3ForConditionalGeneration, PerceptionGPTMixin.forward)
 
 
 class PerceptionGPTSmolVLMForConditionalGeneration(
-    Idefics3FamilyAdapter, PerceptionGPTMixin, PerceptionGPTLoadingMixin, SmolVLMForConditionalGeneration
+    Idefics3FamilyAdapter,
+    PerceptionGPTMixin,
+    PerceptionGPTLoadingMixin,
+    SmolVLMForConditionalGeneration,
+    GenerationMixin,
 ):
     config: PerceptionGPTSmolVLMConfig
     config_class = PerceptionGPTSmolVLMConfig

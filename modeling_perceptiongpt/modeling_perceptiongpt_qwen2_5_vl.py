@@ -9,6 +9,7 @@ Shapes: N_img images, C ViT width, D text hidden, g mask-grid side.
 
 import torch
 from torch.nn import functional as F
+from transformers import GenerationMixin
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.utils.versions import require_version
@@ -32,7 +33,7 @@ def resample_grid(states: torch.Tensor, side: int) -> torch.Tensor:
 
 
 class PerceptionGPTQwen2_5_VLForConditionalGeneration(
-    PerceptionGPTMixin, PerceptionGPTLoadingMixin, Qwen2_5_VLForConditionalGeneration
+    PerceptionGPTMixin, PerceptionGPTLoadingMixin, Qwen2_5_VLForConditionalGeneration, GenerationMixin
 ):
     config: PerceptionGPTQwen2_5_VLConfig
     config_class = PerceptionGPTQwen2_5_VLConfig

@@ -139,3 +139,72 @@ def test_fullgraph_claim_holds_for_generate_steps(box_head):
     assert torch.equal(compiled.sequences, eager.sequences) and sum(len(b) for b in compiled.pred_boxes) >= 2
     for found, expected in zip(compiled.pred_boxes, eager.pred_boxes):
         torch.testing.assert_close(found, expected, rtol=1e-6, atol=1e-6)
+
+
+def _attention_choices(model):
+    """{attention-module class: the implementations its config holds}, over every module with an attention config."""
+    found = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if type(module).__name__.endswith("Attention") and config is not None:
+            found.setdefault(type(module).__name__, set()).add(config._attn_implementation)
+    return found
+
+
+def test_the_attention_implementation_reaches_the_mask_decoder():
+    """An eager model is eager everywhere (the mask decoder's SAM layers were hard-coded to sdpa), an sdpa one sdpa,
+    and `set_attn_implementation` switches them too; both give the same masks."""
+    config = PerceptionGPTConfig.from_preset("tiny")
+    config._attn_implementation = {"": "eager", **{key: "eager" for key in config.sub_configs}}
+    torch.manual_seed(0)
+    model = PerceptionGPTForConditionalGeneration(config).eval()
+    assert set().union(*_attention_choices(model).values()) == {"eager"} and "SamAttention" in _attention_choices(
+        model
+    )
+    hidden, features = torch.randn(3, 32), torch.randn(3, 16, 32)
+    with torch.no_grad():
+        eager = model.mask_decoder(hidden, features)
+        model.set_attn_implementation("sdpa")
+        assert _attention_choices(model)["SamAttention"] == {"sdpa"}
+        torch.testing.assert_close(model.mask_decoder(hidden, features), eager, rtol=1e-4, atol=1e-5)
+    model.set_attn_implementation("eager")
+    assert _attention_choices(model)["SamAttention"] == {"eager"}
+
+
+def test_the_box_decoder_is_built_in_fp32_under_a_half_default_dtype(tiny_config):
+    """`_keep_in_fp32_modules_strict` lists the box decoder: `from_config(dtype=bf16)` must not build it in bf16."""
+    for head in ("mlp", "query"):
+        config = PerceptionGPTConfig.from_preset("tiny", box_head_config={"decoder_type": head})
+        model = PerceptionGPTForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        dtypes = {name: p.dtype for name, p in model.named_parameters()}
+        assert {d for n, d in dtypes.items() if n.startswith("box_decoder.")} == {torch.float32}, head
+        assert dtypes["box_encoder.mlp.0.weight"] == torch.bfloat16
+        ids, pixels = make_batch(vis_at=((20,), ()))
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, pixel_values=pixels.bfloat16(), max_new_tokens=2, return_dict_in_generate=True
+            )
+        assert all(boxes.dtype == torch.float32 for boxes in out.pred_boxes)
+
+
+def test_image_hidden_states_are_returned_only_when_asked(tiny_model):
+    _, pixels = make_batch()
+    with torch.no_grad():
+        plain = tiny_model.model.get_image_features(pixels, return_dict=True)
+        full = tiny_model.model.get_image_features(pixels, output_hidden_states=True, return_dict=True)
+    assert (
+        plain.hidden_states is None
+        and len(full.hidden_states) == tiny_model.config.vision_config.num_hidden_layers + 1
+    )
+    for a, b in zip(plain.pooler_output, full.pooler_output):
+        assert torch.equal(a, b)
+
+
+def test_every_family_lists_generation_mixin_among_its_bases():
+    from transformers import GenerationMixin
+
+    import perceptiongpt
+
+    for name in perceptiongpt.__all__:
+        if name.endswith("ForConditionalGeneration"):
+            assert GenerationMixin in getattr(perceptiongpt, name).__bases__, name
