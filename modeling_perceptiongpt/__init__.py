@@ -18,7 +18,8 @@ from .conversion_perceptiongpt import (
     load_base_model,
 )
 from .generation_perceptiongpt import PerceptionGPTBeamGenerateOutput, PerceptionGPTGenerateOutput
-from .mixin_perceptiongpt import PerceptionGPTCausalLMOutput, PerceptionGPTMixin
+from .mixin_perceptiongpt import PerceptionGPTMixin
+from .modeling_outputs_perceptiongpt import PerceptionGPTCausalLMOutput
 from .modeling_perceptiongpt import (
     PerceptionGPTForConditionalGeneration,
     PerceptionGPTModel,

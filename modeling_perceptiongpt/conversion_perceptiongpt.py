@@ -15,7 +15,8 @@ from transformers import (
 from .configuration_perceptiongpt import PerceptionGPTConfig
 from .configuration_perceptiongpt_idefics3 import PerceptionGPTIdefics3Config, PerceptionGPTSmolVLMConfig
 from .configuration_perceptiongpt_qwen2_5_vl import PerceptionGPTQwen2_5_VLConfig
-from .modeling_perceptiongpt import PERCEPTION_MODULE_NAMES, PerceptionGPTForConditionalGeneration
+from .heads_perceptiongpt import OPTIONAL_PERCEPTION_MODULES, PERCEPTION_MODULE_NAMES
+from .modeling_perceptiongpt import PerceptionGPTForConditionalGeneration
 from .modeling_perceptiongpt_idefics3 import (
     PerceptionGPTIdefics3ForConditionalGeneration,
     PerceptionGPTSmolVLMForConditionalGeneration,
@@ -156,7 +157,7 @@ def _assign_into_new_model(model_class, config, state, device, dtype):
     with torch.device("meta"):
         model = model_class(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    new_modules = (*PERCEPTION_MODULE_NAMES, "llm_feature_fusion", "region_feature_pooling")
+    new_modules = (*PERCEPTION_MODULE_NAMES, *OPTIONAL_PERCEPTION_MODULES.values())
     wrong = [key for key in missing if key.split(".")[0] not in new_modules and ".llm_feature_fusion." not in key]
     if wrong or unexpected:
         raise ValueError(

@@ -8,8 +8,29 @@ import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamLayerNorm
 
-from .box_decoders_perceptiongpt import mlp
+from .box_decoders_perceptiongpt import BOX_DECODERS, mlp
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig
+
+
+# The heads every model has (trained in full under LoRA, new when converting a base checkpoint), and the optional ones
+PERCEPTION_MODULE_NAMES = ["box_encoder", "mask_encoder", "mask_feature_fusion", "box_decoder", "mask_decoder"]
+OPTIONAL_PERCEPTION_MODULES = {
+    "fuse_llm_features": "llm_feature_fusion",
+    "pool_region_features": "region_feature_pooling",
+}
+PERCEPTION_NO_SPLIT_MODULES = [
+    "BoxEncoder",
+    "MaskEncoder",
+    "MaskDecoder",
+    "LayerFusion",
+    *sorted({decoder.__name__ for decoder in BOX_DECODERS.values()}),
+]
+
+
+def perception_module_names(config) -> list[str]:
+    """The heads of a model with `config`: `PERCEPTION_MODULE_NAMES` plus the optional ones its flags turn on."""
+    optional = [name for flag, name in OPTIONAL_PERCEPTION_MODULES.items() if getattr(config, flag, False)]
+    return PERCEPTION_MODULE_NAMES + optional
 
 
 def box_coverage(boxes_xyxy: torch.Tensor, grid: int) -> torch.Tensor:
@@ -113,4 +134,13 @@ class LayerFusion(nn.Module):
         return torch.einsum("l,lnpc->npc", weights, stacked)  # (N_img, P, C)
 
 
-__all__ = ["BoxEncoder", "MaskEncoder", "LayerFusion"]
+__all__ = [
+    "OPTIONAL_PERCEPTION_MODULES",
+    "PERCEPTION_MODULE_NAMES",
+    "PERCEPTION_NO_SPLIT_MODULES",
+    "BoxEncoder",
+    "LayerFusion",
+    "MaskEncoder",
+    "RegionFeaturePooling",
+    "perception_module_names",
+]

@@ -11,21 +11,25 @@ predicts `<vis>`); its input embedding carries a region: a prompt mask through t
 Shapes: B batch, T tokens, K slots, N selected slots, D text hidden, g mask-grid side, C ViT width, S mask side.
 """
 
-from dataclasses import dataclass
-
 import torch
 from transformers import initialization as init
-from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import is_torchdynamo_compiling
 from transformers.utils.generic import can_return_tuple
 
-from .box_decoders_perceptiongpt import BOX_DECODERS, build_box_decoder
+from .box_decoders_perceptiongpt import build_box_decoder
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
-from .heads_perceptiongpt import BoxEncoder, LayerFusion, MaskEncoder, RegionFeaturePooling
+from .heads_perceptiongpt import (
+    PERCEPTION_NO_SPLIT_MODULES,
+    BoxEncoder,
+    LayerFusion,
+    MaskEncoder,
+    RegionFeaturePooling,
+)
 from .injection_perceptiongpt import REGIONS_IN_FLIGHT, RegionInjection, inject_regions
 from .losses_perceptiongpt import box_losses, mask_bce_loss_sum, mask_dice_loss_sum
 from .mask_decoder_perceptiongpt import MaskDecoder, sine_position_encoding_2d
+from .modeling_outputs_perceptiongpt import PerceptionGPTCausalLMOutput
 from .region_inputs import (
     check_region_inputs,
     embed_boxes_branch_free,
@@ -33,39 +37,6 @@ from .region_inputs import (
     vis_slot_index,
     vis_targets,
 )
-
-
-PERCEPTION_MODULE_NAMES = ["box_encoder", "mask_encoder", "mask_feature_fusion", "box_decoder", "mask_decoder"]
-PERCEPTION_NO_SPLIT_MODULES = [
-    "BoxEncoder",
-    "MaskEncoder",
-    "MaskDecoder",
-    "LayerFusion",
-    *sorted({decoder.__name__ for decoder in BOX_DECODERS.values()}),
-]
-
-
-@dataclass
-class PerceptionGPTCausalLMOutput(MultimodalCausalLMOutputWithPast):
-    """The family's output plus the named loss parts and the decoded targets.
-
-    last_hidden_state: final-norm hidden states, sliced like the logits (only the last position in generate()).
-    pred_boxes: (N, 4) normalized xyxy decoded for the supervised `<vis>` targets with a box, in row-major order.
-    pred_masks: (N_mask, S, S) mask logits for the supervised `<vis>` targets with a mask.
-    image_token_states: (N_img, g*g, D) final states at each image's placeholders on the mask grid, in image order,
-        when the box decoder reads them (`query_source="llm"`) and the input holds images.
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    lm_loss: torch.FloatTensor | None = None
-    box_l1_loss: torch.FloatTensor | None = None
-    box_giou_loss: torch.FloatTensor | None = None
-    mask_dice_loss: torch.FloatTensor | None = None
-    mask_bce_loss: torch.FloatTensor | None = None
-    box_aux_loss: torch.FloatTensor | None = None
-    pred_boxes: torch.FloatTensor | None = None
-    pred_masks: torch.FloatTensor | None = None
-    image_token_states: torch.FloatTensor | None = None
 
 
 class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
@@ -417,8 +388,4 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         raise NotImplementedError
 
 
-__all__ = [
-    "PERCEPTION_MODULE_NAMES",
-    "PerceptionGPTCausalLMOutput",
-    "PerceptionGPTMixin",
-]
+__all__ = ["PerceptionGPTMixin"]

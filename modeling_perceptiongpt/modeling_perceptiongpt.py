@@ -19,10 +19,11 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.versions import require_version
 
 from .configuration_perceptiongpt import PerceptionGPTConfig
-from .heads_perceptiongpt import LayerFusion
+from .heads_perceptiongpt import PERCEPTION_MODULE_NAMES, LayerFusion
 from .injection_perceptiongpt import forward_with_native_signature
 from .loading_perceptiongpt import PerceptionGPTLoadingMixin, preferred_attn_implementation
-from .mixin_perceptiongpt import PERCEPTION_MODULE_NAMES, PerceptionGPTCausalLMOutput, PerceptionGPTMixin
+from .mixin_perceptiongpt import PerceptionGPTMixin
+from .modeling_outputs_perceptiongpt import PerceptionGPTCausalLMOutput
 from .region_inputs import image_starts_by_count
 
 

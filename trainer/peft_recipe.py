@@ -4,9 +4,8 @@ import re
 
 from peft import LoraConfig, PeftModel
 
+from perceptiongpt.heads_perceptiongpt import perception_module_names
 
-# Modules trained in full and saved with the adapter (names are suffix-matched by PEFT).
-PERCEPTION_MODULES = ["box_encoder", "mask_encoder", "box_decoder", "mask_decoder", "mask_feature_fusion"]
 
 LORA_PRESETS = {
     # the paper: LoRA on q,v with r=16, alpha=64, dropout 0.1
@@ -34,7 +33,7 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
         raise ValueError(f"`preset` must be one of {sorted(LORA_PRESETS)}, got {preset!r}.")
     settings = dict(LORA_PRESETS[preset])
     projections = "|".join(settings.pop("projections"))
-    modules_to_save = perception_modules(model.config)
+    modules_to_save = perception_module_names(model.config)  # trained in full, saved with the adapter
     vis = model.config.vis_token_id
     trainable_tokens = {"lm_head": [vis]}  # `<vis>` must be predicted
     if whole_embedding:
@@ -48,16 +47,6 @@ def lora_config(model, preset: str = "paper", whole_embedding: bool = False, **o
         **settings,
     )
     return LoraConfig(**{**kwargs, **overrides})
-
-
-def perception_modules(config) -> list[str]:
-    """The names of the model's perception heads (what `PERCEPTION_MODULES` lists plus the optional fusions)."""
-    modules = list(PERCEPTION_MODULES)
-    if getattr(config, "fuse_llm_features", False):  # LLaVA's paper option
-        modules.append("llm_feature_fusion")
-    if getattr(config, "pool_region_features", False):
-        modules.append("region_feature_pooling")
-    return modules
 
 
 def decoder_path(model) -> str:
@@ -77,4 +66,4 @@ def count_parameters(model) -> dict:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
 
 
-__all__ = ["LORA_PRESETS", "PERCEPTION_MODULES", "count_parameters", "decoder_path", "lora_config"]
+__all__ = ["LORA_PRESETS", "count_parameters", "decoder_path", "lora_config"]

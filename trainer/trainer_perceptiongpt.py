@@ -12,8 +12,9 @@ from safetensors import SafetensorError, safe_open
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from perceptiongpt.heads_perceptiongpt import perception_module_names
+
 from .evaluation import SCORED_TASKS, evaluate_grounding, grounding_metrics
-from .peft_recipe import perception_modules
 
 
 LOSS_PARTS = ("lm_loss", "box_l1_loss", "box_giou_loss", "box_aux_loss", "mask_dice_loss", "mask_bce_loss")
@@ -69,7 +70,7 @@ class PerceptionGPTTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         if self.heads_learning_rate is None:
             return optimizer
-        heads = set(perception_modules(self._perception_model.config))
+        heads = set(perception_module_names(self._perception_model.config))
         names = {id(p): name for name, p in (self.model if model is None else model).named_parameters()}
         groups = optimizer.param_groups
         optimizer.param_groups = []
