@@ -57,7 +57,7 @@ def forward_with_native_signature(native_cls, perception_forward):
     names += [name for name in ours if name not in names and name not in ("self", "input_ids", "kwargs")]
     parameters = [ours["self"], ours["input_ids"]]
     parameters += [(native.get(name) or ours[name]).replace(kind=keyword) for name in names]
-    parameters.append(ours["kwargs"])
+    parameters.append(native.get("kwargs", ours["kwargs"]))  # its annotation (`Unpack[TransformersKwargs]`) too
 
     @functools.wraps(perception_forward)
     def forward(self, input_ids=None, **kwargs):

@@ -208,3 +208,31 @@ def test_every_family_lists_generation_mixin_among_its_bases():
     for name in perceptiongpt.__all__:
         if name.endswith("ForConditionalGeneration"):
             assert GenerationMixin in getattr(perceptiongpt, name).__bases__, name
+
+
+def test_the_forward_advertises_the_native_kwargs_and_returns_attentions():
+    """transformers reads `**kwargs: Unpack[TransformersKwargs]` to know a model returns attentions: the advertised
+    signature keeps the native annotation, and an eager model returns one attention map per text layer."""
+    import inspect
+
+    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+    import perceptiongpt
+
+    pairs = [
+        (perceptiongpt.PerceptionGPTForConditionalGeneration, LlavaForConditionalGeneration),
+        (perceptiongpt.PerceptionGPTQwen2_5_VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration),
+    ]
+    for ours, native in pairs:
+        annotation = inspect.signature(ours.forward).parameters["kwargs"].annotation
+        assert (
+            annotation == inspect.signature(native.forward).parameters["kwargs"].annotation != inspect.Parameter.empty
+        )
+    config = PerceptionGPTConfig.from_preset("tiny")
+    config._attn_implementation = "eager"
+    model = PerceptionGPTForConditionalGeneration(config).eval()
+    ids, pixels = make_batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, output_attentions=True)
+    assert len(out.attentions) == config.text_config.num_hidden_layers
+    assert out.attentions[0].shape == (2, config.text_config.num_attention_heads, ids.shape[1], ids.shape[1])
