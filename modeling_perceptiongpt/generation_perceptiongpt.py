@@ -15,7 +15,7 @@ from transformers import GenerationMixin, LogitsProcessorList, SuppressTokensLog
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .generation_state_perceptiongpt import PerceptionGenerationState
-from .region_inputs import last_image_index_per_row
+from .region_inputs import DECODED_BY_GENERATE, last_image_index_per_row
 from .streaming_perceptiongpt import GroundedObject, _EndDeferred
 
 
@@ -314,6 +314,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         boxes = torch.full((input_ids.shape[0], 1, 4), float("nan"), device=input_ids.device)
         decoded = torch.stack([state.record(key)[0] for _, key in newest_vis])  # (N, 4)
         boxes[[r for r, _ in newest_vis], 0] = decoded.to(boxes)  # one write for all rows
+        setattr(boxes, DECODED_BY_GENERATE, True)  # our own boxes: the forward need not validate them
         return boxes
 
     def _collect_generated_regions(self, sequences, state):

@@ -116,7 +116,14 @@ def check_region_inputs(config, input_ids, vis_boxes, vis_masks, vis_mask_valid)
         _check_slot_counts(config, input_ids, vis_mask_valid.bool(), "vis_masks")
 
 
+# Set on the `vis_boxes` that generate() builds from its own decoded boxes (valid by construction): a decode step
+# then skips their validation (one host sync and ~20 small ops per step). A moved or copied tensor loses the mark.
+DECODED_BY_GENERATE = "_perceptiongpt_decoded_by_generate"
+
+
 def _check_boxes(config, input_ids, vis_boxes) -> None:
+    if getattr(vis_boxes, DECODED_BY_GENERATE, False):
+        return
     if not isinstance(vis_boxes, torch.Tensor):
         raise TypeError(f"`vis_boxes` must be a torch.Tensor, got {type(vis_boxes).__name__}.")
     if vis_boxes.dim() != 3 or vis_boxes.shape[-1] != 4:

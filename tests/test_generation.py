@@ -197,6 +197,25 @@ def test_unsupported_modes_raise(tiny_model, kwargs, match):
         _generate(tiny_model, ids, attention, pixels, boxes, **kwargs)
 
 
+def test_decode_steps_do_not_revalidate_the_boxes_generate_decoded(tiny_model, monkeypatch):
+    """The boxes a decode step feeds back come from the model's own decoder: only the prompt's are validated (a
+    host sync and ~20 small ops per step before); the same tensors from a caller are still checked."""
+    import perceptiongpt.region_inputs as region_inputs
+
+    checked = []
+    full_check = region_inputs._extra_slots
+    monkeypatch.setattr(region_inputs, "_extra_slots", lambda *a: checked.append(1) or full_check(*a))
+
+    def force_vis(input_ids, scores):
+        return torch.where(torch.arange(scores.shape[-1]) == VIS, 0.0, -float("inf")).expand_as(scores).clone()
+
+    ids, attention, pixels, boxes = _prompt()
+    out = _generate(tiny_model, ids, attention, pixels, boxes, logits_processor=[force_vis])
+    assert sum(len(b) for b in out.pred_boxes) == 2 * 8 and checked == [1]  # the prefill's prompt boxes only
+    with pytest.raises(ValueError, match="normalized xyxy"):
+        tiny_model(input_ids=ids[:, -1:], vis_boxes=torch.full((2, 1, 4), 2.0))
+
+
 def test_sequences_edited_inside_generate_raise_a_clear_error(tiny_model):
     """A processor that rewrites the newest token in place breaks the hooks' invariant (every generated token was
     predicted by the previous step's forward): a RuntimeError that says so, not an internal KeyError."""
