@@ -239,10 +239,9 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         rows = (host[:, -1] == self.config.vis_token_id).nonzero(as_tuple=True)[0].tolist()
         keyed = [(r, state.key(state.sample_of(r, host.shape[0]), host[r])) for r in rows]
         todo = {}  # rows with the same sample and generated suffix share one record
-        for r, (sample, generated) in keyed:
-            if (sample, generated) not in state.records:  # predicted by the prefix without the newest token
-                predicted_by = (sample, generated[: -host.element_size()])
-                todo[sample, generated] = ((sample, generated), sample, state.predicting(predicted_by))
+        for r, key in keyed:
+            if key not in state.records:  # predicted by the prefix without the newest token
+                todo[key] = (key, key[0], state.predicting(state.key(key[0], host[r, :-1])))
         if todo:
             self._decode_into_records(state, list(todo.values()))
         self._stream_objects(state, input_ids, rows)
