@@ -121,11 +121,21 @@ class BinBoxDecoder(nn.Module):
         return BoxPrediction(ordered_box_xyxy(unit), bin_logits=logits)
 
 
+def soft_capped_spread(half: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Distances (N, 4) >= 0 from `centre` (N, 2) to the left, top, right and bottom sides -> the fractions (N, 4) of
+    the room to each border they cover, for `box_around_centre_xyxy`: r / (1 + r^4)^(1/4) with r = half / room, which
+    is r itself (the distance unchanged) up to about half the room and stays below 1 (the border) without a clamp."""
+    room = torch.cat([centre, 1 - centre], dim=-1).clamp(min=1e-6)  # (N, 4): left, top, right, bottom
+    ratio = half / room
+    return ratio * (1 + ratio**4) ** -0.25
+
+
 class QueryBoxDecoder(nn.Module):
     """The `<vis>` state queries the image's patches: the box contains the attention-weighted patch centre and its
-    extent is read from the query and what it attended. The LLM says WHAT; the patches say WHERE. The patches are
-    the fused ViT features (`query_source="vision"`) or the LLM's final states at the image tokens (`"llm"`).
-    Rows without an image attend nothing: their centre is the image centre."""
+    extent is read from the query, what it attended and (`query_extent="half_size"`) where the centre lies. The LLM
+    says WHAT; the patches say WHERE. The patches are the fused ViT features (`query_source="vision"`) or the LLM's
+    final states at the image tokens (`"llm"`). Rows without an image attend nothing: their centre is the image
+    centre."""
 
     needs_image, needs_masks = True, False
 
@@ -139,9 +149,12 @@ class QueryBoxDecoder(nn.Module):
         self.key = nn.Linear(patch_width, d, dtype=FP32)
         self.value = nn.Linear(patch_width, d, dtype=FP32)
         self.centre_offset = config.query_centre_offset
-        # the room covered on each side, and with `query_centre_offset` the centre's (x, y) offset
-        self.extent = mlp(2 * d, d, 6 if self.centre_offset else 4, max(config.num_layers - 1, 1), dtype=FP32)
-        self.extent[-1].zero_init = True  # half of the room on each side, no offset, at the start
+        self.half_size = config.query_extent == "half_size"
+        # the extent on each side (with "half_size" also read from the centre), and with `query_centre_offset` the
+        # centre's (x, y) offset
+        inputs = 2 * d + (2 if self.half_size else 0)
+        self.extent = mlp(inputs, d, 6 if self.centre_offset else 4, max(config.num_layers - 1, 1), dtype=FP32)
+        self.extent[-1].zero_init = True  # a quarter of the image (or half of the room) on each side, no offset
 
     def project_patches(self, patches):
         """(N, P, C) patches -> their (keys, values), each (N, P, d): generate() projects each sample's once and passes
@@ -168,11 +181,16 @@ class QueryBoxDecoder(nn.Module):
             patch_logits = torch.where(has, scores, patch_logits)
             centre = torch.where(has, attention @ patch_centres(self.grid_size, device=attention.device), centre)
             attended = torch.where(has, torch.einsum("np,npd->nd", attention.to(values.dtype), values), attended)
-        out = self.extent(torch.cat([query, attended], dim=-1)).float()  # (N, 4) or (N, 6)
+        features = [query, attended, centre] if self.half_size else [query, attended]
+        out = self.extent(torch.cat(features, dim=-1)).float()  # (N, 4) or (N, 6)
         if self.centre_offset and has_image is not None:  # up to one patch; rows without an image keep the centre
             moved = (centre + out[:, 4:].tanh() / self.grid_size).clamp(0.0, 1.0)
             centre = torch.where(has_image[:, None], moved, centre)
-        return BoxPrediction(box_around_centre_xyxy(centre, out[:, :4].sigmoid()), patch_logits=patch_logits)
+        if self.half_size:  # up to half the image on each side, the same at every position away from the borders
+            spread = soft_capped_spread(out[:, :4].sigmoid() / 2, centre)  # (N, 4)
+        else:
+            spread = out[:, :4].sigmoid()  # (N, 4)
+        return BoxPrediction(box_around_centre_xyxy(centre, spread), patch_logits=patch_logits)
 
 
 class MaskBoxDecoder(nn.Module):
@@ -229,4 +247,5 @@ __all__ = [
     "ordered_box_xyxy",
     "ordered_params_from_box_xyxy",
     "patch_centres",
+    "soft_capped_spread",
 ]

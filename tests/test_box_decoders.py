@@ -15,6 +15,7 @@ from perceptiongpt.box_decoders_perceptiongpt import (
     BOX_DECODERS,
     ordered_box_xyxy,
     ordered_params_from_box_xyxy,
+    soft_capped_spread,
 )
 from perceptiongpt.configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig
 from perceptiongpt.heads_perceptiongpt import MaskEncoder
@@ -241,7 +242,9 @@ def test_query_centre_offset_moves_the_centre_up_to_one_patch():
     torch.manual_seed(0)
     hidden, features = _inputs(4)
     configs = [
-        PerceptionGPTConfig.from_preset("tiny", box_head_config=dict(HEADS["query"], query_centre_offset=f))
+        PerceptionGPTConfig.from_preset(
+            "tiny", box_head_config=dict(HEADS["query"], query_centre_offset=f, query_extent="room_fraction")
+        )
         for f in (True, False)
     ]
     on, off = (PerceptionGPTForConditionalGeneration(config).box_decoder for config in configs)
@@ -262,3 +265,67 @@ def test_query_centre_offset_moves_the_centre_up_to_one_patch():
     saved = configs[0].to_dict()
     del saved["box_head_config"]["query_centre_offset"]  # a folder saved before the field
     assert PerceptionGPTConfig.from_dict(saved).box_head_config.query_centre_offset is False
+
+
+def _query_decoder(query_extent):
+    config = PerceptionGPTConfig.from_preset("tiny", box_head_config=dict(HEADS["query"], query_extent=query_extent))
+    return PerceptionGPTForConditionalGeneration(config).box_decoder
+
+
+def test_query_half_size_extent_does_not_depend_on_where_the_box_is():
+    """The same extent outputs give the same distance to each side at every centre away from the borders
+    ("half_size"); the fractions of the room to the border ("room_fraction", folders saved before the field) give
+    distances that follow the position, so the same object needs different outputs at every place."""
+    one_patch = torch.zeros(2, 16, 32)  # two rows, each attending one patch of the tiny 4x4 grid
+    one_patch[0, 5, 0] = one_patch[1, 15, 0] = 1.0  # centres (0.375, 0.375) and (0.875, 0.875)
+    centre = torch.tensor([[0.375], [0.875]])
+    sides = {}
+    for extent in ("half_size", "room_fraction"):
+        decoder = _query_decoder(extent)
+        with torch.no_grad():
+            decoder.query.weight.zero_()
+            decoder.query.bias.fill_(1.0)
+            decoder.key.weight.zero_()
+            decoder.key.weight[:, 0] = 1000.0  # every attention on the marked patch
+            decoder.key.bias.zero_()
+            decoder.extent[-1].weight.zero_()
+            decoder.extent[-1].bias.copy_(torch.logit(torch.tensor(0.2)))  # sigmoid = 0.2 on every side
+            boxes = decoder(torch.zeros(2, 32), one_patch, torch.ones(2, dtype=torch.bool)).boxes
+        sides[extent] = torch.cat([centre - boxes[:, :2], boxes[:, 2:] - centre], dim=-1)  # left, top, right, bottom
+    # a distance of 0.1 (sigmoid / 2), softly capped by the room r to the border: 0.1 / (1 + (0.1 / r)^4)^(1/4)
+    room = torch.cat([centre, centre, 1 - centre, 1 - centre], dim=-1)
+    torch.testing.assert_close(sides["half_size"], 0.1 * (1 + (0.1 / room) ** 4) ** -0.25)
+    assert (sides["half_size"][0] - 0.1).abs().max() < 2e-4  # 0.375 or more from the border: within 0.2%
+    assert 0.09 < sides["half_size"][1, 2] < 0.1  # 0.125 from it: 8% less, inside the image
+    torch.testing.assert_close(sides["room_fraction"], 0.2 * room)  # 0.075 to 0.175 for the same outputs
+    half, fraction = _query_decoder("half_size"), _query_decoder("room_fraction")
+    assert half.extent[0].in_features == fraction.extent[0].in_features + 2  # the centre is an input
+
+
+def test_query_half_size_extent_is_capped_softly_by_the_border():
+    """Up to half the image on each side: a box never crosses the border and its gradient never vanishes there."""
+    decoder = _query_decoder("half_size")
+    centre = torch.tensor([[0.05, 0.5], [0.9, 0.98]])
+    for half in (0.0, 0.03, 0.5):
+        spread = soft_capped_spread(torch.full((2, 4), half, requires_grad=True), centre)
+        assert ((spread >= 0) & (spread < 1)).all()
+    half = torch.full((2, 4), 0.5, requires_grad=True)
+    (grad,) = torch.autograd.grad(soft_capped_spread(half, centre).sum(), half)
+    assert (grad > 0).all()
+    # zero init: a quarter of the image on each side of the centre, less the soft cap (0.25 / 0.5: 1.5% less)
+    boxes = decoder(torch.zeros(1, 32), torch.zeros(1, 16, 32), torch.zeros(1, dtype=torch.bool)).boxes
+    side = 0.25 * (1 + 0.5**4) ** -0.25
+    torch.testing.assert_close(boxes, torch.tensor([[0.5 - side, 0.5 - side, 0.5 + side, 0.5 + side]]))
+
+
+def test_query_extent_is_saved_and_old_folders_keep_the_room_fraction(tmp_path):
+    with pytest.raises(StrictDataclassFieldValidationError, match="query_extent"):
+        BoxHeadConfig(query_extent="absolute")
+    config = PerceptionGPTConfig.from_preset("tiny", box_head_config=HEADS["query"])
+    assert config.box_head_config.query_extent == "half_size"
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["box_head_config"]["query_extent"] == "half_size"
+    assert PerceptionGPTConfig.from_pretrained(tmp_path).box_head_config.query_extent == "half_size"
+    del saved["box_head_config"]["query_extent"]  # a folder saved before the field
+    assert PerceptionGPTConfig.from_dict(saved).box_head_config.query_extent == "room_fraction"
