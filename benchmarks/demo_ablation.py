@@ -21,25 +21,23 @@ from perceptiongpt.trainer import demo
 
 
 RESULTS = Path(__file__).parent / "results"
-# overrides of the `demo` preset (64 px, pool_region_features=True, no centre offset, query_extent="half_size"); the
-# arms measured before `query_extent` existed pin the room-fraction extent they were run with
-ROOM = {"box_head_config": {"query_extent": "room_fraction"}}
+# overrides of the `demo` preset (64 px, pool_region_features=True, no centre offset, room-fraction extent)
 ARMS = {
-    "48px": {"vision_config": {"image_size": 48}, "image_seq_length": 36, "pool_region_features": False, **ROOM},
-    "64px": {"pool_region_features": False, **ROOM},
-    "48px_pool": {"vision_config": {"image_size": 48}, "image_seq_length": 36, **ROOM},
+    "48px": {"vision_config": {"image_size": 48}, "image_seq_length": 36, "pool_region_features": False},
+    "64px": {"pool_region_features": False},
+    "48px_pool": {"vision_config": {"image_size": 48}, "image_seq_length": 36},
     "48px_pool_offset": {
         "vision_config": {"image_size": 48},
         "image_seq_length": 36,
-        "box_head_config": {"query_centre_offset": True, "query_extent": "room_fraction"},
+        "box_head_config": {"query_centre_offset": True},
     },
-    "64px_pool": ROOM,
-    "64px_pool_offset": {"box_head_config": {"query_centre_offset": True, "query_extent": "room_fraction"}},
+    "64px_pool": {},
+    "64px_pool_offset": {"box_head_config": {"query_centre_offset": True}},
     # twice the LLM width (128 -> 256): the LLM binds the words to the patches and its image states are the box
     # head's keys (`query_source="llm"`)
-    "64px_pool_text256": {"text_config": {"hidden_size": 256, "intermediate_size": 512}, **ROOM},
+    "64px_pool_text256": {"text_config": {"hidden_size": 256, "intermediate_size": 512}},
     # the box extent as distances to each side in image units, not as fractions of the room to the border
-    "64px_pool_half_size": {},
+    "64px_pool_half_size": {"box_head_config": {"query_extent": "half_size"}},
 }
 KEYS = (
     "rec_acc@0.5",

@@ -56,11 +56,11 @@ class BoxHeadConfig(PreTrainedConfig):
     # bound to mixtures of patch centres; off by default: in the demo it moved REC by +5 points at 48 px and -0.5 at
     # 64 px, RES by -4 at both (one seed each, benchmarks/results/demo_ablation/)
     query_centre_offset: bool = False
-    # how the "query" design reads a box's extent around the attended centre: "half_size" predicts the distance to
-    # each side in image units (so a box's size does not depend on where it is), softly capped by the room to the
-    # border; "room_fraction" (folders saved before the field) predicts the fraction of that room, which makes the
-    # same object need a different output at every position
-    query_extent: Literal["half_size", "room_fraction"] = "half_size"
+    # how the "query" design reads a box's extent around the attended centre: "room_fraction", the fraction of the
+    # room to each border, or "half_size", the distance to each side in image units (a box's size then does not
+    # depend on where it is), softly capped by the border. "half_size" is not the default: in the demo (seed 0) it
+    # scored lower on every task (REC 0.555 against 0.715; benchmarks/results/demo_ablation/)
+    query_extent: Literal["room_fraction", "half_size"] = "room_fraction"
     encoder_type: Literal["mlp", "raster"] = "raster"
     encoder_grid: int = 8  # cells per side of the "raster" encoder's layout
 
@@ -133,7 +133,7 @@ LOSS_WEIGHTS = (
 )
 # Folders saved before a head field existed were built with these designs; `from_dict` fills them in when absent.
 LEGACY_HEAD_FIELDS = {
-    "box_head_config": {"decoder_type": "legacy_cxcywh", "encoder_type": "mlp", "query_extent": "room_fraction"},
+    "box_head_config": {"decoder_type": "legacy_cxcywh", "encoder_type": "mlp"},
     "mask_head_config": {"encoder_type": "mean"},
 }
 

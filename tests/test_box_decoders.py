@@ -242,9 +242,7 @@ def test_query_centre_offset_moves_the_centre_up_to_one_patch():
     torch.manual_seed(0)
     hidden, features = _inputs(4)
     configs = [
-        PerceptionGPTConfig.from_preset(
-            "tiny", box_head_config=dict(HEADS["query"], query_centre_offset=f, query_extent="room_fraction")
-        )
+        PerceptionGPTConfig.from_preset("tiny", box_head_config=dict(HEADS["query"], query_centre_offset=f))
         for f in (True, False)
     ]
     on, off = (PerceptionGPTForConditionalGeneration(config).box_decoder for config in configs)
@@ -318,14 +316,12 @@ def test_query_half_size_extent_is_capped_softly_by_the_border():
     torch.testing.assert_close(boxes, torch.tensor([[0.5 - side, 0.5 - side, 0.5 + side, 0.5 + side]]))
 
 
-def test_query_extent_is_saved_and_old_folders_keep_the_room_fraction(tmp_path):
+def test_query_extent_is_validated_and_saved(tmp_path):
     with pytest.raises(StrictDataclassFieldValidationError, match="query_extent"):
         BoxHeadConfig(query_extent="absolute")
-    config = PerceptionGPTConfig.from_preset("tiny", box_head_config=HEADS["query"])
-    assert config.box_head_config.query_extent == "half_size"
+    assert BoxHeadConfig().query_extent == "room_fraction"  # also what folders saved before the field were built with
+    config = PerceptionGPTConfig.from_preset("tiny", box_head_config=dict(HEADS["query"], query_extent="half_size"))
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["box_head_config"]["query_extent"] == "half_size"
     assert PerceptionGPTConfig.from_pretrained(tmp_path).box_head_config.query_extent == "half_size"
-    del saved["box_head_config"]["query_extent"]  # a folder saved before the field
-    assert PerceptionGPTConfig.from_dict(saved).box_head_config.query_extent == "room_fraction"
