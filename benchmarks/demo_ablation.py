@@ -38,6 +38,9 @@ ARMS = {
     "64px_pool_text256": {"text_config": {"hidden_size": 256, "intermediate_size": 512}},
     # the box extent as distances to each side in image units, not as fractions of the room to the border
     "64px_pool_half_size": {"box_head_config": {"query_extent": "half_size"}},
+    # the region's patches also sampled at the centres of a 3 x 3 layout of its box (RoIAlign-style): REG misses
+    # were mostly the shape, which a mean over the region drops
+    "64px_pool_layout3": {"region_feature_layout": 3},
 }
 KEYS = (
     "rec_acc@0.5",

@@ -150,6 +150,8 @@ class PerceptionConfigMixin(PreTrainedConfig):
         region_embedding_mode: how a `<vis>` input embedding carries its region: "replace" it (paper) or "add" to it.
         pool_region_features: also add to a PROMPT region's `<vis>` embedding the mean of its image's fused ViT patches
             under the region (`RegionFeaturePooling`); answer `<vis>` (supervised or generated) are never pooled.
+        region_feature_layout: with `pool_region_features`, also sample the patches at the centres of an L x L layout
+            of the region's box (RoIAlign-style), so that the embedding keeps the region's shape; 0: the mean only.
         *_weight: loss weights; the total is lm + l1 + giou + dice + bce + aux, each times its weight.
     A family config subclasses `(PerceptionConfigMixin, <Family>Config)` and defines `num_vision_hidden_states`,
     `patch_grid_size` (the side of the mask decoder's patch grid) and `suppressed_token_ids`.
@@ -161,6 +163,7 @@ class PerceptionConfigMixin(PreTrainedConfig):
     vision_fusion_layers: list[int] | None = None
     region_embedding_mode: Literal["replace", "add"] = "replace"
     pool_region_features: bool = False
+    region_feature_layout: int = 0
     lm_loss_weight: float = 1.0
     box_l1_weight: float = 1.0
     box_giou_weight: float = 1.0
@@ -182,6 +185,8 @@ class PerceptionConfigMixin(PreTrainedConfig):
             raise ValueError(
                 f"`vision_fusion_layers` must index the {num_hidden_states} ViT hidden states, got out-of-range {bad}."
             )
+        if self.region_feature_layout < 0:
+            raise ValueError(f"`region_feature_layout` must be >= 0, got {self.region_feature_layout}.")
         for name in LOSS_WEIGHTS:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

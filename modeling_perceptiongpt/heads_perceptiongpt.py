@@ -46,6 +46,11 @@ def box_coverage(boxes_xyxy: torch.Tensor, grid: int) -> torch.Tensor:
     return (cover(y1, y2)[..., :, None] * cover(x1, x2)[..., None, :]).flatten(-2)
 
 
+def _first_and_end(lines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S) bool -> (N,), (N,): the index of each line's first True and one past its last (0 and S when none)."""
+    return lines.float().argmax(-1), lines.shape[-1] - lines.flip(-1).float().argmax(-1)
+
+
 class BoxEncoder(nn.Module):
     """Normalized xyxy box -> a `<vis>` input embedding (paper: MLP 4 -> 512 -> 512 -> D); `encoder_type="raster"`
     adds a projection of the box's coverage of the `encoder_grid` layout."""
@@ -94,13 +99,16 @@ class MaskEncoder(nn.Module):
 class RegionFeaturePooling(nn.Module):
     """A prompt region's appearance: the mean of its image's fused ViT patches under the region, weighted by how much
     of each patch it covers, projected to the text width and added to its `<vis>` embedding. The box and mask
-    encoders carry WHERE the region is; this carries WHAT is there (region features as in GPT4RoI and Osprey)."""
+    encoders carry WHERE the region is; this carries WHAT is there (region features as in GPT4RoI and Osprey).
+    With `layout` L > 0 the patches are also sampled (bilinearly, RoIAlign-style) at the centres of an L x L layout
+    of the region's box (a mask's: its bounding box), so that the embedding keeps the region's shape, which a mean
+    drops."""
 
-    def __init__(self, vision_hidden_size: int, text_hidden_size: int, grid: int):
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, grid: int, layout: int = 0):
         super().__init__()
-        self.grid = grid
+        self.grid, self.layout = grid, layout
         self.norm = nn.LayerNorm(vision_hidden_size)
-        self.proj = nn.Linear(vision_hidden_size, text_hidden_size)
+        self.proj = nn.Linear(vision_hidden_size * (1 + layout**2), text_hidden_size)
 
     def region_weights(self, boxes_xyxy, masks=None, use_mask=None) -> torch.Tensor:
         """(N, 4) normalized xyxy boxes, and (N_m, S, S) masks for the rows `use_mask` (N,) -> (N, g*g): the share of
@@ -110,11 +118,43 @@ class RegionFeaturePooling(nn.Module):
             weights[use_mask] = nn.functional.adaptive_avg_pool2d(masks[:, None].float(), self.grid).flatten(1)
         return weights
 
-    def forward(self, image_features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """image_features (N, g*g, C), weights (N, g*g) -> (N, D)."""
+    @staticmethod
+    def region_boxes(boxes_xyxy, masks=None, use_mask=None) -> torch.Tensor:
+        """(N, 4) normalized xyxy, and (N_m, S, S) masks for the rows `use_mask` -> (N, 4): the box of each row's
+        layout, a mask's bounding box where it has one (the whole frame for an empty mask)."""
+        boxes = boxes_xyxy.nan_to_num(0.0).float().clone()  # (N, 4)
+        if masks is not None:
+            x1, x2 = _first_and_end(masks.bool().any(-2))  # (N_m,) each, in mask pixels
+            y1, y2 = _first_and_end(masks.bool().any(-1))
+            boxes[use_mask] = torch.stack([x1, y1, x2, y2], dim=-1) / masks.shape[-1]
+        return boxes
+
+    def sample_layout(self, image_features: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        """image_features (N, g*g, C), boxes_xyxy (N, 4) -> (N, L*L, C): the patch map read bilinearly at the centres
+        of each box's L x L cells (row-major)."""
+        n, _, channels = image_features.shape
+        patch_map = image_features.transpose(1, 2).reshape(n, channels, self.grid, self.grid)  # (N, C, g, g)
+        steps = (torch.arange(self.layout, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype) + 0.5) / self.layout
+        x1, y1, x2, y2 = boxes_xyxy[:, :, None].unbind(1)  # (N, 1) each
+        xs, ys = x1 + steps * (x2 - x1), y1 + steps * (y2 - y1)  # (N, L) each
+        points = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (N, L, L, 2): (x, y)
+        sampled = nn.functional.grid_sample(
+            patch_map,
+            (2 * points - 1).to(patch_map.dtype),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
+        )  # (N, C, L, L)
+        return sampled.flatten(2).transpose(1, 2)  # (N, L*L, C)
+
+    def forward(self, image_features: torch.Tensor, weights: torch.Tensor, boxes_xyxy=None) -> torch.Tensor:
+        """image_features (N, g*g, C), weights (N, g*g), boxes_xyxy (N, 4) (`region_boxes`; with a layout) -> (N, D)."""
         weights = weights.to(image_features.dtype)
-        pooled = (weights[..., None] * image_features).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6)
-        return self.proj(self.norm(pooled))
+        pooled = (weights[..., None] * image_features).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6)  # (N, C)
+        parts = pooled[:, None]  # (N, 1, C)
+        if self.layout:
+            parts = torch.cat([parts, self.sample_layout(image_features, boxes_xyxy)], dim=1)  # (N, 1 + L*L, C)
+        return self.proj(self.norm(parts).flatten(1))
 
 
 class LayerFusion(nn.Module):

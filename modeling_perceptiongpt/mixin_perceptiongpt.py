@@ -61,7 +61,8 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         attention = self._mask_attention_implementation()
         self.mask_decoder = MaskDecoder(config.mask_head_config, text_hidden, vision_hidden_size, grid, attention)
         if config.pool_region_features:
-            self.region_feature_pooling = RegionFeaturePooling(vision_hidden_size, text_hidden, grid)
+            layout = config.region_feature_layout
+            self.region_feature_pooling = RegionFeaturePooling(vision_hidden_size, text_hidden, grid, layout)
         self.get_decoder().register_forward_pre_hook(inject_regions, with_kwargs=True)
 
     def _mask_attention_implementation(self):
@@ -128,7 +129,9 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
             if pool.any():
                 pooling = self.region_feature_pooling
                 weights = pooling.region_weights(boxes, masks, use_mask)[pool]  # (M_pool, g*g)
-                region[pool] = region[pool] + pooling(image_features[image_idx[pool]], weights).to(region)
+                layout_boxes = pooling.region_boxes(boxes, masks, use_mask)[pool] if pooling.layout else None
+                pooled = pooling(image_features[image_idx[pool]], weights, layout_boxes)  # (M_pool, D)
+                region[pool] = region[pool] + pooled.to(region)
         if self.config.region_embedding_mode == "add":
             region = region + inputs_embeds[rows, cols]
         return inputs_embeds.index_put((rows[has], cols[has]), region[has])

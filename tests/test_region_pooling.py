@@ -11,10 +11,11 @@ from perceptiongpt.heads_perceptiongpt import RegionFeaturePooling
 NAN = float("nan")
 
 
-@pytest.fixture
-def pooled_model():
+@pytest.fixture(params=[0, 2], ids=["mean", "layout2"])
+def pooled_model(request):
     torch.manual_seed(0)
-    model = PerceptionGPTForConditionalGeneration(PerceptionGPTConfig.from_preset("tiny", pool_region_features=True))
+    config = PerceptionGPTConfig.from_preset("tiny", pool_region_features=True, region_feature_layout=request.param)
+    model = PerceptionGPTForConditionalGeneration(config)
     with torch.no_grad():  # `<vis>` likely enough to be generated, and a pooled feature that moves the logits
         model.lm_head.weight[VIS] = model.model.language_model.norm.weight * 3
         model.region_feature_pooling.proj.weight.normal_(0, 1.0)
@@ -48,6 +49,40 @@ def test_region_weights_by_hand():
     assert torch.allclose(pooling(features, torch.tensor([[0.25, 0, 0, 1.0]])), pooling.proj(pooled))
 
 
+def test_region_layout_by_hand():
+    """`region_feature_layout`: the patch map read bilinearly at the centres of the box's L x L cells (the border
+    patches beyond the outer centres), and a mask's layout box is its bounding box."""
+    pooling = RegionFeaturePooling(vision_hidden_size=8, text_hidden_size=4, grid=2, layout=2)
+    features = torch.arange(4.0)[None, :, None].expand(2, 4, 8)  # patch (row y, column x) has value 2y + x
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]])
+    samples = pooling.sample_layout(features, boxes)[..., 0]  # (2, 4): cells row-major
+    # the whole image: the 4 patch centres; the top-left quarter: x, y at 0.125 (clamped to the first patch) and 0.375
+    # (a quarter of the way to the next patch centre)
+    torch.testing.assert_close(samples, torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.25, 0.5, 0.75]]))
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, 1:3, 2:4] = True  # rows 1-2, columns 2-3; mask 1 is empty
+    layout_boxes = pooling.region_boxes(
+        torch.tensor([[0.1, 0.2, 0.3, 0.4], [NAN] * 4, [NAN] * 4]), masks, torch.tensor([False, True, True])
+    )
+    torch.testing.assert_close(
+        layout_boxes, torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 1.0, 0.75], [0, 0, 1, 1.0]])
+    )
+    with pytest.raises(ValueError, match=r"`region_feature_layout` must be >= 0, got -1"):
+        PerceptionGPTConfig.from_preset("tiny", pool_region_features=True, region_feature_layout=-1)
+
+
+def test_region_layout_keeps_what_the_mean_drops():
+    """The same patches in another arrangement under the same box: the mean cannot tell them apart, the layout can."""
+    torch.manual_seed(0)
+    patches = torch.randn(1, 4, 8)
+    swapped = patches[:, [3, 2, 1, 0]]  # e.g. a triangle upside down: the same content, elsewhere in the box
+    box, weights = torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.ones(1, 4)
+    mean, layout = (RegionFeaturePooling(8, 4, grid=2, layout=n) for n in (0, 2))
+    with torch.no_grad():
+        assert torch.allclose(mean(patches, weights), mean(swapped, weights), atol=1e-6)
+        assert (layout(patches, weights, box) - layout(swapped, weights, box)).abs().max() > 1e-2
+
+
 def test_prompt_region_reads_the_image_under_it(pooled_model):
     """Same box, different image content -> different logits; off, the image never enters the `<vis>` embedding."""
     ids, pixels, boxes = _region_prompt()
@@ -62,8 +97,9 @@ def test_prompt_region_reads_the_image_under_it(pooled_model):
         plain = pooled_model.embed_regions(ids, embeds, boxes, None, None, None, None)
     assert (a[0] - b[0]).abs().max() > 1e-3
     # by hand: the box encoder's embedding plus the pooled patches under the box
-    weights = pooled_model.region_feature_pooling.region_weights(boxes[:, 0])
-    expected = plain[:, 20] + pooled_model.region_feature_pooling(features, weights)
+    pooling = pooled_model.region_feature_pooling
+    layout_boxes = pooling.region_boxes(boxes[:, 0]) if pooling.layout else None
+    expected = plain[:, 20] + pooling(features, pooling.region_weights(boxes[:, 0]), layout_boxes)
     assert torch.allclose(pooled[:, 20], expected, atol=1e-6)
     assert torch.equal(pooled[:, :20], plain[:, :20])
 
@@ -174,3 +210,24 @@ def test_qwen2_5_vl_pools_the_region_of_its_own_image():
     assert torch.equal(cached.sequences, no_cache.sequences)
     for a, b in zip(cached.pred_boxes, no_cache.pred_boxes):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_mask_prompt_pools_by_its_own_mask(pooled_model):
+    """A mask prompt (its box slot NaN) pools the patches under the mask (and, with a layout, its bounding box): the
+    same mask over other pixels gives other logits; other pixels outside the mask change nothing."""
+    ids, pixels, _ = _region_prompt()
+    side = pooled_model.config.mask_head_config.mask_size
+    masks = torch.zeros(2, 1, side, side, dtype=torch.bool)
+    masks[:, 0, : side // 2, : side // 2] = True  # the top-left quarter
+    kwargs = dict(input_ids=ids, vis_boxes=torch.full((2, 1, 4), NAN), vis_masks=masks)
+    kwargs["vis_mask_valid"] = torch.ones(2, 1, dtype=torch.bool)
+    inside, outside = pixels.clone(), pixels.clone()
+    inside[:, :, :8, :8] += 3.0
+    outside[:, :, 8:, 8:] += 3.0
+    with torch.no_grad():
+        base, under, elsewhere = (
+            pooled_model(pixel_values=p, **kwargs).logits[:, 20] for p in (pixels, inside, outside)
+        )
+    assert (base - under).abs().max() > 1e-3
+    # the ViT mixes patches, so pixels outside the mask move the pooled features a little; the region's own far more
+    assert (base - elsewhere).abs().max() < (base - under).abs().max()
