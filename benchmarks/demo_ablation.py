@@ -41,6 +41,9 @@ ARMS = {
     # the region's patches also sampled at the centres of a 3 x 3 layout of its box (RoIAlign-style): REG misses
     # were mostly the shape, which a mean over the region drops
     "64px_pool_layout3": {"region_feature_layout": 3},
+    # a second box stage: the fused ViT patches at 4 x 4 points over the first box move it (REC misses were mostly
+    # the right object with an imprecise box)
+    "64px_pool_refine4": {"box_head_config": {"query_refine_layout": 4}},
 }
 KEYS = (
     "rec_acc@0.5",

@@ -65,6 +65,23 @@ def patch_centres(grid: int, device=None) -> torch.Tensor:
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
 
 
+def sample_box_layout(patches: torch.Tensor, boxes_xyxy: torch.Tensor, layout: int) -> torch.Tensor:
+    """patches (N, g*g, C) of a row-major g x g grid, boxes_xyxy (N, 4) -> (N, L*L, C): the patch map read
+    bilinearly (RoIAlign-style) at the centres of each box's L x L cells, row-major; points past the outer patch
+    centres read the border patches."""
+    n, num_patches, channels = patches.shape
+    grid = math.isqrt(num_patches)
+    patch_map = patches.transpose(1, 2).reshape(n, channels, grid, grid)  # (N, C, g, g)
+    steps = (torch.arange(layout, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype) + 0.5) / layout  # (L,)
+    x1, y1, x2, y2 = boxes_xyxy[:, :, None].unbind(1)  # (N, 1) each
+    xs, ys = x1 + steps * (x2 - x1), y1 + steps * (y2 - y1)  # (N, L) each
+    points = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (N, L, L, 2): (x, y)
+    sampled = nn.functional.grid_sample(
+        patch_map, (2 * points - 1).to(patch_map.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )  # (N, C, L, L)
+    return sampled.flatten(2).transpose(1, 2)  # (N, L*L, C)
+
+
 @dataclass
 class BoxPrediction:
     """boxes (N, 4) normalized xyxy; bin_logits (N, 4, n) over (u_x, f_x, u_y, f_y) for `bins`; patch_logits
@@ -82,7 +99,7 @@ class LegacyBoxDecoder(nn.Module):
     overshoots a border; new models use `mlp` instead.
     """
 
-    needs_image = needs_masks = reads_llm_image_states = False
+    needs_image = needs_masks = reads_llm_image_states = reads_vision_patches = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
@@ -106,7 +123,7 @@ class BinBoxDecoder(nn.Module):
     """Per ordered coordinate, logits over `num_bins` values in [0, 1] read from the `<vis>` state; the box is the
     expectation (trained with L1/GIoU), the logits get GFL's distribution focal loss (`box_dfl_loss_sum`)."""
 
-    needs_image = needs_masks = reads_llm_image_states = False
+    needs_image = needs_masks = reads_llm_image_states = reads_vision_patches = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
@@ -155,6 +172,15 @@ class QueryBoxDecoder(nn.Module):
         inputs = 2 * d + (2 if self.half_size else 0)
         self.extent = mlp(inputs, d, 6 if self.centre_offset else 4, max(config.num_layers - 1, 1), dtype=FP32)
         self.extent[-1].zero_init = True  # a quarter of the image (or half of the room) on each side, no offset
+        # the second stage (`query_refine_layout` L > 0): the fused ViT patches under the first box (grown by a
+        # quarter of its size on each side) move its centre and extent, in their logit space (zero init: unchanged)
+        self.refine_layout = config.query_refine_layout
+        self.reads_vision_patches = self.refine_layout > 0
+        if self.reads_vision_patches:
+            self.refine_norm = nn.LayerNorm(vision_hidden_size, dtype=FP32)
+            refine_inputs = d + self.refine_layout**2 * vision_hidden_size
+            self.refine = mlp(refine_inputs, d, 6, max(config.num_layers - 1, 1), dtype=FP32)
+            self.refine[-1].zero_init = True
 
     def project_patches(self, patches):
         """(N, P, C) patches -> their (keys, values), each (N, P, d): generate() projects each sample's once and passes
@@ -162,8 +188,11 @@ class QueryBoxDecoder(nn.Module):
         patches = patches.to(self.key.weight.dtype)
         return self.key(patches), self.value(patches)
 
-    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
-        """image_features: (N, P, C) patches, or their `project_patches` pair; any value on rows without an image."""
+    def forward(
+        self, hidden, image_features=None, has_image=None, mask_logits=None, vision_patches=None
+    ) -> BoxPrediction:
+        """image_features: (N, P, C) patches, or their `project_patches` pair; vision_patches (N, P, C_vit): the fused
+        ViT patches the refinement reads; any value on rows without an image."""
         query = self.query(hidden.to(self.query.weight.dtype))  # (N, d)
         centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
         attended = torch.zeros_like(query)  # (N, d)
@@ -186,11 +215,29 @@ class QueryBoxDecoder(nn.Module):
         if self.centre_offset and has_image is not None:  # up to one patch; rows without an image keep the centre
             moved = (centre + out[:, 4:].tanh() / self.grid_size).clamp(0.0, 1.0)
             centre = torch.where(has_image[:, None], moved, centre)
+        spread_logits = out[:, :4]  # (N, 4)
+        if self.reads_vision_patches and vision_patches is not None and has_image is not None:
+            first = box_around_centre_xyxy(centre, self._spread(spread_logits, centre)).detach()  # (N, 4)
+            delta = self._refinement(query, vision_patches, first)  # (N, 6)
+            moved = (centre.logit(eps=1e-6) + delta[:, :2]).sigmoid()  # (N, 2); inside (0, 1) but for an offset
+            centre = torch.where(has_image[:, None], moved, centre)
+            spread_logits = torch.where(has_image[:, None], spread_logits + delta[:, 2:], spread_logits)
+        boxes = box_around_centre_xyxy(centre, self._spread(spread_logits, centre))  # (N, 4)
+        return BoxPrediction(boxes, patch_logits=patch_logits)
+
+    def _spread(self, logits, centre):
+        """(N, 4) extent logits -> the fractions of the room to each border (`box_around_centre_xyxy`)."""
         if self.half_size:  # up to half the image on each side, the same at every position away from the borders
-            spread = soft_capped_spread(out[:, :4].sigmoid() / 2, centre)  # (N, 4)
-        else:
-            spread = out[:, :4].sigmoid()  # (N, 4)
-        return BoxPrediction(box_around_centre_xyxy(centre, spread), patch_logits=patch_logits)
+            return soft_capped_spread(logits.sigmoid() / 2, centre)
+        return logits.sigmoid()
+
+    def _refinement(self, query, vision_patches, boxes_xyxy):
+        """(N, d) queries, (N, P, C) fused ViT patches, (N, 4) first boxes -> (N, 6) logit moves of the centre (x, y)
+        and of the 4 extents, from the patches sampled over each box grown by a quarter of its size per side."""
+        grow = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]).repeat(1, 2) * boxes_xyxy.new_tensor([-0.25, -0.25, 0.25, 0.25])
+        samples = sample_box_layout(vision_patches.to(query.dtype), boxes_xyxy + grow, self.refine_layout)
+        features = torch.cat([query, self.refine_norm(samples).flatten(1)], dim=-1)  # (N, d + L*L*C)
+        return self.refine(features).float()
 
 
 class MaskBoxDecoder(nn.Module):
@@ -198,7 +245,7 @@ class MaskBoxDecoder(nn.Module):
     half side of a uniform box) give the extent, squashed smoothly into the room on each side. No parameters."""
 
     needs_image = needs_masks = True
-    reads_llm_image_states = False
+    reads_llm_image_states = reads_vision_patches = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
@@ -247,5 +294,6 @@ __all__ = [
     "ordered_box_xyxy",
     "ordered_params_from_box_xyxy",
     "patch_centres",
+    "sample_box_layout",
     "soft_capped_spread",
 ]

@@ -61,12 +61,18 @@ class BoxHeadConfig(PreTrainedConfig):
     # depend on where it is), softly capped by the border. "half_size" is not the default: in the demo (seed 0) it
     # scored lower on every task (REC 0.555 against 0.715; benchmarks/results/demo_ablation/)
     query_extent: Literal["room_fraction", "half_size"] = "room_fraction"
+    # a second stage of the "query" design (L > 0): the fused ViT patches sampled at L x L points over the first box
+    # (grown by a quarter of its size per side) move its centre and extent; the patches keep what lies inside each
+    # one, so the box can settle between patch centres. 0: one stage
+    query_refine_layout: int = 0
     encoder_type: Literal["mlp", "raster"] = "raster"
     encoder_grid: int = 8  # cells per side of the "raster" encoder's layout
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         _check_positive(self, "hidden_size", "num_layers", "encoder_grid")
+        if self.query_refine_layout < 0:
+            raise ValueError(f"`query_refine_layout` must be >= 0, got {self.query_refine_layout}.")
         if self.num_bins < 2:
             raise ValueError(f"`num_bins` must be >= 2, got {self.num_bins}.")
 

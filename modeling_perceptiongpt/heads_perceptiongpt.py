@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamLayerNorm
 
-from .box_decoders_perceptiongpt import BOX_DECODERS, mlp
+from .box_decoders_perceptiongpt import BOX_DECODERS, mlp, sample_box_layout
 from .configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig
 
 
@@ -129,31 +129,15 @@ class RegionFeaturePooling(nn.Module):
             boxes[use_mask] = torch.stack([x1, y1, x2, y2], dim=-1) / masks.shape[-1]
         return boxes
 
-    def sample_layout(self, image_features: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
-        """image_features (N, g*g, C), boxes_xyxy (N, 4) -> (N, L*L, C): the patch map read bilinearly at the centres
-        of each box's L x L cells (row-major)."""
-        n, _, channels = image_features.shape
-        patch_map = image_features.transpose(1, 2).reshape(n, channels, self.grid, self.grid)  # (N, C, g, g)
-        steps = (torch.arange(self.layout, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype) + 0.5) / self.layout
-        x1, y1, x2, y2 = boxes_xyxy[:, :, None].unbind(1)  # (N, 1) each
-        xs, ys = x1 + steps * (x2 - x1), y1 + steps * (y2 - y1)  # (N, L) each
-        points = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (N, L, L, 2): (x, y)
-        sampled = nn.functional.grid_sample(
-            patch_map,
-            (2 * points - 1).to(patch_map.dtype),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )  # (N, C, L, L)
-        return sampled.flatten(2).transpose(1, 2)  # (N, L*L, C)
-
     def forward(self, image_features: torch.Tensor, weights: torch.Tensor, boxes_xyxy=None) -> torch.Tensor:
         """image_features (N, g*g, C), weights (N, g*g), boxes_xyxy (N, 4) (`region_boxes`; with a layout) -> (N, D)."""
         weights = weights.to(image_features.dtype)
         pooled = (weights[..., None] * image_features).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6)  # (N, C)
         parts = pooled[:, None]  # (N, 1, C)
         if self.layout:
-            parts = torch.cat([parts, self.sample_layout(image_features, boxes_xyxy)], dim=1)  # (N, 1 + L*L, C)
+            parts = torch.cat(
+                [parts, sample_box_layout(image_features, boxes_xyxy, self.layout)], dim=1
+            )  # (N, 1 + L*L, C)
         return self.proj(self.norm(parts).flatten(1))
 
 

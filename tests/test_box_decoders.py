@@ -28,6 +28,7 @@ HEADS = {
     **{name: {"decoder_type": name} for name in DESIGNS},
     "query": {"decoder_type": "query", "query_source": "vision"},
     "query-llm": {"decoder_type": "query", "query_source": "llm"},
+    "query-refine": {"decoder_type": "query", "query_source": "llm", "query_refine_layout": 2},
 }
 
 
@@ -99,8 +100,8 @@ def test_every_parameter_gets_a_finite_gradient_in_training(decoder_type):
     boxes = torch.tensor([[[0.0, 0.1, 0.5, 0.5], [nan] * 4], [[0.2, 0.0, 1.0, 0.4], [0.3, 0.3, 0.4, 0.9]]])
     out = model(input_ids=ids, pixel_values=pixels, labels=labels, vis_boxes=boxes)
     assert out.pred_boxes.shape == (3, 4) and out.box_l1_loss > 0 and out.box_giou_loss > 0
-    assert (out.box_aux_loss > 0) == (decoder_type in ("bins", "query", "query-llm"))
-    assert (out.image_token_states is not None) == (decoder_type == "query-llm")
+    assert (out.box_aux_loss > 0) == (decoder_type in ("bins", "query", "query-llm", "query-refine"))
+    assert (out.image_token_states is not None) == (decoder_type in ("query-llm", "query-refine"))
     out.loss.backward()
     for name, parameter in model.box_decoder.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
@@ -325,3 +326,45 @@ def test_query_extent_is_validated_and_saved(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["box_head_config"]["query_extent"] == "half_size"
     assert PerceptionGPTConfig.from_pretrained(tmp_path).box_head_config.query_extent == "half_size"
+
+
+def test_query_refinement_starts_as_the_first_box_and_reads_the_patches_under_it():
+    """`query_refine_layout`: zero-initialized, the refined box is the first stage's; moved off zero, it depends on
+    the ViT patches around the first box and not on the others; rows without an image keep the first box."""
+    torch.manual_seed(0)
+    hidden, states = _inputs(3)
+    vision = torch.randn(3, 16, 32)
+    configs = [
+        PerceptionGPTConfig.from_preset("tiny", box_head_config=dict(HEADS["query-llm"], query_refine_layout=n))
+        for n in (0, 2)
+    ]
+    plain, refined = (PerceptionGPTForConditionalGeneration(config).box_decoder for config in configs)
+    has_image = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        plain.extent[-1].bias.fill_(-3.0)  # small first boxes: patches far from them exist on the 4 x 4 grid
+        refined.load_state_dict(plain.state_dict(), strict=False)  # the same first stage
+        first = plain(hidden, states, has_image).boxes
+        torch.testing.assert_close(refined(hidden, states, has_image, vision_patches=vision).boxes, first)
+        for parameter in refined.refine.parameters():
+            parameter.normal_(0, 0.05)
+        moved = refined(hidden, states, has_image, vision_patches=vision).boxes
+        assert (moved - first).abs().max() > 1e-2
+        # the patches read: around each first box (grown by a quarter per side), the tiny preset's 4 x 4 grid
+        grown = first + (first[:, 2:] - first[:, :2]).repeat(1, 2) * torch.tensor([-0.25, -0.25, 0.25, 0.25])
+        centres = ((torch.arange(4.0) + 0.5) / 4).expand(4, 4)
+        xs, ys = centres.flatten(), centres.t().flatten()  # (16,) each, row-major
+        far = torch.stack(
+            [(xs < g[0] - 0.25) | (xs > g[2] + 0.25) | (ys < g[1] - 0.25) | (ys > g[3] + 0.25) for g in grown]
+        )
+        assert far.any()
+        other = torch.randn_like(vision)  # other patches (a constant shift would vanish in the LayerNorm)
+        elsewhere = torch.where(far[..., None], other, vision)
+        torch.testing.assert_close(refined(hidden, states, has_image, vision_patches=elsewhere).boxes, moved)
+        inside = torch.where(far[..., None], vision, other)
+        assert (refined(hidden, states, has_image, vision_patches=inside).boxes - moved).abs().max() > 1e-3
+        no_image = torch.zeros(3, dtype=torch.bool)
+        torch.testing.assert_close(
+            refined(hidden, states, no_image, vision_patches=vision).boxes, plain(hidden, states, no_image).boxes
+        )
+    with pytest.raises(ValueError, match=r"`query_refine_layout` must be >= 0, got -1"):
+        BoxHeadConfig(query_refine_layout=-1)

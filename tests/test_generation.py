@@ -252,6 +252,7 @@ BOX_HEADS = {
     "bins": {"decoder_type": "bins"},
     "query-vision": {"decoder_type": "query", "query_source": "vision"},
     "query-llm": {"decoder_type": "query", "query_source": "llm"},
+    "query-refine": {"decoder_type": "query", "query_source": "llm", "query_refine_layout": 2},
     "mask": {"decoder_type": "mask"},
 }
 

@@ -5,6 +5,7 @@ import torch
 from conftest import IMAGE, VIS, make_batch
 
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
+from perceptiongpt.box_decoders_perceptiongpt import sample_box_layout
 from perceptiongpt.heads_perceptiongpt import RegionFeaturePooling
 
 
@@ -55,7 +56,7 @@ def test_region_layout_by_hand():
     pooling = RegionFeaturePooling(vision_hidden_size=8, text_hidden_size=4, grid=2, layout=2)
     features = torch.arange(4.0)[None, :, None].expand(2, 4, 8)  # patch (row y, column x) has value 2y + x
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]])
-    samples = pooling.sample_layout(features, boxes)[..., 0]  # (2, 4): cells row-major
+    samples = sample_box_layout(features, boxes, layout=2)[..., 0]  # (2, 4): cells row-major
     # the whole image: the 4 patch centres; the top-left quarter: x, y at 0.125 (clamped to the first patch) and 0.375
     # (a quarter of the way to the next patch centre)
     torch.testing.assert_close(samples, torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.25, 0.5, 0.75]]))
