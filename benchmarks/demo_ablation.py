@@ -21,29 +21,33 @@ from perceptiongpt.trainer import demo
 
 
 RESULTS = Path(__file__).parent / "results"
-# overrides of the `demo` preset (64 px, pool_region_features=True, no centre offset, room-fraction extent)
+
+
+# overrides of the `demo` preset (64 px, region features with a 3 x 3 layout, the two-stage query box head); the arms
+# measured before the layout and the second box stage pin them off (`_before`)
+def _before(box=None, **overrides):
+    return {"region_feature_layout": 0, "box_head_config": {"query_refine_layout": 0, **(box or {})}, **overrides}
+
+
 ARMS = {
-    "48px": {"vision_config": {"image_size": 48}, "image_seq_length": 36, "pool_region_features": False},
-    "64px": {"pool_region_features": False},
-    "48px_pool": {"vision_config": {"image_size": 48}, "image_seq_length": 36},
-    "48px_pool_offset": {
-        "vision_config": {"image_size": 48},
-        "image_seq_length": 36,
-        "box_head_config": {"query_centre_offset": True},
-    },
-    "64px_pool": {},
-    "64px_pool_offset": {"box_head_config": {"query_centre_offset": True}},
+    "48px": _before(vision_config={"image_size": 48}, image_seq_length=36, pool_region_features=False),
+    "64px": _before(pool_region_features=False),
+    "48px_pool": _before(vision_config={"image_size": 48}, image_seq_length=36),
+    "48px_pool_offset": _before({"query_centre_offset": True}, vision_config={"image_size": 48}, image_seq_length=36),
+    "64px_pool": _before(),
+    "64px_pool_offset": _before({"query_centre_offset": True}),
     # twice the LLM width (128 -> 256): the LLM binds the words to the patches and its image states are the box
     # head's keys (`query_source="llm"`)
-    "64px_pool_text256": {"text_config": {"hidden_size": 256, "intermediate_size": 512}},
+    "64px_pool_text256": _before(text_config={"hidden_size": 256, "intermediate_size": 512}),
     # the box extent as distances to each side in image units, not as fractions of the room to the border
-    "64px_pool_half_size": {"box_head_config": {"query_extent": "half_size"}},
+    "64px_pool_half_size": _before({"query_extent": "half_size"}),
     # the region's patches also sampled at the centres of a 3 x 3 layout of its box (RoIAlign-style): REG misses
     # were mostly the shape, which a mean over the region drops
-    "64px_pool_layout3": {"region_feature_layout": 3},
+    "64px_pool_layout3": _before(region_feature_layout=3),
     # a second box stage: the fused ViT patches at 4 x 4 points over the first box move it (REC misses were mostly
-    # the right object with an imprecise box)
-    "64px_pool_refine4": {"box_head_config": {"query_refine_layout": 4}},
+    # the right object with a box too large)
+    "64px_pool_refine4": _before({"query_refine_layout": 4}),
+    "64px_pool_layout3_refine4": {},  # the preset
 }
 KEYS = (
     "rec_acc@0.5",
