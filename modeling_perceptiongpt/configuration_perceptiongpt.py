@@ -52,18 +52,14 @@ class BoxHeadConfig(PreTrainedConfig):
     # what the "query" design attends: the fused ViT patches ("vision"), or the LLM's final states at the image
     # tokens ("llm"), which have read the question when it comes before the image
     query_source: Literal["vision", "llm"] = "llm"
-    # the "query" design also predicts an offset of up to one patch from the attended centre, so that a box is not
-    # bound to mixtures of patch centres; off by default: in the demo it moved REC by +5 points at 48 px and -0.5 at
-    # 64 px, RES by -4 at both (one seed each, benchmarks/results/demo_ablation/)
+    # the "query" design also moves the attended centre by up to one patch; off: no consistent gain in the demo
+    # (REC +5 points at 48 px, -0.5 at 64 px, RES -4 at both; one seed each, benchmarks/results/demo_ablation/)
     query_centre_offset: bool = False
-    # how the "query" design reads a box's extent around the attended centre: "room_fraction", the fraction of the
-    # room to each border, or "half_size", the distance to each side in image units (a box's size then does not
-    # depend on where it is), softly capped by the border. "half_size" is not the default: in the demo (seed 0) it
-    # scored lower on every task (REC 0.555 against 0.715; benchmarks/results/demo_ablation/)
+    # the extent around that centre: the fraction of the room to each border, or ("half_size", lower on every task
+    # of the demo, seed 0) the distance to each side in image units, softly capped by the border
     query_extent: Literal["room_fraction", "half_size"] = "room_fraction"
-    # a second stage of the "query" design (L > 0): the fused ViT patches sampled at L x L points over the first box
-    # (grown by a quarter of its size per side) move its centre and extent; the patches keep what lies inside each
-    # one, so the box can settle between patch centres. 0: one stage
+    # L > 0: a second stage, where the fused ViT patches at L x L points over the first box (grown by a quarter per
+    # side) move its centre and extent, so that it can settle between patch centres; 0: one stage
     query_refine_layout: int = 0
     encoder_type: Literal["mlp", "raster"] = "raster"
     encoder_grid: int = 8  # cells per side of the "raster" encoder's layout
