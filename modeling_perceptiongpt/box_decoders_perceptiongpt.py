@@ -4,6 +4,7 @@ Every design but `legacy_cxcywh` builds its box in an ordered parametrization, s
 [0, 1] hold by construction and no clamp zeroes a gradient before the loss:
     x1 = u_x,  x2 = x1 + f_x * (1 - x1),  u_x, f_x in [0, 1]   (the same for y)
 Shapes: N slots, D text hidden, P = g*g patches, C ViT width, S mask side, n bins, d head width.
+Every forward takes (hidden, image_features, has_image, mask_logits, vision_patches); each design reads what it needs.
 """
 
 import math
@@ -99,14 +100,16 @@ class LegacyBoxDecoder(nn.Module):
     overshoots a border; new models use `mlp` instead.
     """
 
-    needs_image = needs_masks = reads_llm_image_states = reads_vision_patches = False
+    needs_image = needs_masks = reads_llm_image_states = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
         self.mlp = mlp(text_hidden_size, config.hidden_size, 4, config.num_layers, dtype=FP32)
         self.mlp[-1].zero_init = True  # read by PerceptionGPTPreTrainedModel._init_weights
 
-    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+    def forward(
+        self, hidden, image_features=None, has_image=None, mask_logits=None, vision_patches=None
+    ) -> BoxPrediction:
         boxes_cxcywh = self.mlp(hidden).float().sigmoid()  # (N, D) -> (N, 4)
         return BoxPrediction(box_cxcywh_to_xyxy(boxes_cxcywh).clamp(0.0, 1.0))
 
@@ -114,7 +117,9 @@ class LegacyBoxDecoder(nn.Module):
 class MlpBoxDecoder(LegacyBoxDecoder):
     """The paper's regression MLP on the `<vis>` state, in the ordered parametrization (zero init = centred box)."""
 
-    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+    def forward(
+        self, hidden, image_features=None, has_image=None, mask_logits=None, vision_patches=None
+    ) -> BoxPrediction:
         logits = self.mlp(hidden).float() + hidden.new_tensor(_CENTRED_OFFSETS, dtype=torch.float32)  # (N, 4)
         return BoxPrediction(ordered_box_xyxy(logits.sigmoid()))
 
@@ -123,7 +128,7 @@ class BinBoxDecoder(nn.Module):
     """Per ordered coordinate, logits over `num_bins` values in [0, 1] read from the `<vis>` state; the box is the
     expectation (trained with L1/GIoU), the logits get GFL's distribution focal loss (`box_dfl_loss_sum`)."""
 
-    needs_image = needs_masks = reads_llm_image_states = reads_vision_patches = False
+    needs_image = needs_masks = reads_llm_image_states = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
@@ -131,7 +136,9 @@ class BinBoxDecoder(nn.Module):
         self.mlp = mlp(text_hidden_size, config.hidden_size, 4 * config.num_bins, config.num_layers, dtype=FP32)
         self.mlp[-1].zero_init = True  # uniform bins at the start
 
-    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+    def forward(
+        self, hidden, image_features=None, has_image=None, mask_logits=None, vision_patches=None
+    ) -> BoxPrediction:
         logits = self.mlp(hidden).float().unflatten(-1, (4, self.num_bins))  # (N, 4, n)
         values = torch.linspace(0, 1, self.num_bins, device=logits.device)  # (n,)
         unit = (logits.softmax(-1) * values).sum(-1)  # (N, 4)
@@ -175,8 +182,7 @@ class QueryBoxDecoder(nn.Module):
         # the second stage (`query_refine_layout` L > 0): the fused ViT patches under the first box (grown by a
         # quarter of its size on each side) move its centre and extent, in their logit space (zero init: unchanged)
         self.refine_layout = config.query_refine_layout
-        self.reads_vision_patches = self.refine_layout > 0
-        if self.reads_vision_patches:
+        if self.refine_layout:
             self.refine_norm = nn.LayerNorm(vision_hidden_size, dtype=FP32)
             refine_inputs = d + self.refine_layout**2 * vision_hidden_size
             self.refine = mlp(refine_inputs, d, 6, max(config.num_layers - 1, 1), dtype=FP32)
@@ -216,7 +222,7 @@ class QueryBoxDecoder(nn.Module):
             moved = (centre + out[:, 4:].tanh() / self.grid_size).clamp(0.0, 1.0)
             centre = torch.where(has_image[:, None], moved, centre)
         spread_logits = out[:, :4]  # (N, 4)
-        if self.reads_vision_patches and vision_patches is not None and has_image is not None:
+        if self.refine_layout and vision_patches is not None and has_image is not None:
             first = box_around_centre_xyxy(centre, self._spread(spread_logits, centre)).detach()  # (N, 4)
             delta = self._refinement(query, vision_patches, first)  # (N, 6)
             moved = (centre.logit(eps=1e-6) + delta[:, :2]).sigmoid()  # (N, 2); inside (0, 1) but for an offset
@@ -234,8 +240,9 @@ class QueryBoxDecoder(nn.Module):
     def _refinement(self, query, vision_patches, boxes_xyxy):
         """(N, d) queries, (N, P, C) fused ViT patches, (N, 4) first boxes -> (N, 6) logit moves of the centre (x, y)
         and of the 4 extents, from the patches sampled over each box grown by a quarter of its size per side."""
-        grow = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]).repeat(1, 2) * boxes_xyxy.new_tensor([-0.25, -0.25, 0.25, 0.25])
-        samples = sample_box_layout(vision_patches.to(query.dtype), boxes_xyxy + grow, self.refine_layout)
+        quarter = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]) / 4  # (N, 2)
+        grown = torch.cat([boxes_xyxy[:, :2] - quarter, boxes_xyxy[:, 2:] + quarter], dim=-1)  # (N, 4)
+        samples = sample_box_layout(vision_patches.to(query.dtype), grown, self.refine_layout)
         features = torch.cat([query, self.refine_norm(samples).flatten(1)], dim=-1)  # (N, d + L*L*C)
         return self.refine(features).float()
 
@@ -245,12 +252,14 @@ class MaskBoxDecoder(nn.Module):
     half side of a uniform box) give the extent, squashed smoothly into the room on each side. No parameters."""
 
     needs_image = needs_masks = True
-    reads_llm_image_states = reads_vision_patches = False
+    reads_llm_image_states = False
 
     def __init__(self, config: BoxHeadConfig, text_hidden_size: int, vision_hidden_size: int, grid_size: int):
         super().__init__()
 
-    def forward(self, hidden, image_features=None, has_image=None, mask_logits=None) -> BoxPrediction:
+    def forward(
+        self, hidden, image_features=None, has_image=None, mask_logits=None, vision_patches=None
+    ) -> BoxPrediction:
         centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
         half = hidden.new_full((len(hidden), 2), 0.25, dtype=torch.float32)  # (N, 2)
         if mask_logits is not None and has_image is not None and has_image.any():

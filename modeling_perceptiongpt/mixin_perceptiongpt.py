@@ -156,10 +156,12 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         dtype = hidden.dtype if weight is None else weight.dtype  # fp32 under a bf16 model (`_keep_in_fp32_modules`)
         if patches is not None and not isinstance(patches, tuple):  # a tuple: the query design's projected patches
             patches = patches.to(dtype)
-        # the refinement stage of the query design reads the fused ViT patches too
-        vision = {"vision_patches": image_features} if self.box_decoder.reads_vision_patches else {}
         box = self.box_decoder(
-            hidden.to(dtype), patches, has_image, None if masks is None else masks.to(dtype), **vision
+            hidden.to(dtype),
+            patches,
+            has_image,
+            None if masks is None else masks.to(dtype),
+            vision_patches=image_features,  # the fused ViT patches (read by the query design's second stage)
         )
         if masks is not None and self.box_decoder.needs_masks:
             masks = masks[want_masks[has_image]] if want_masks.any() else None
