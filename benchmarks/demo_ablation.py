@@ -121,7 +121,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", choices=sorted(ARMS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recipe", nargs="*", default=[], help="DemoRecipe overrides, key=value")
+    parser.add_argument("--recipe", nargs="*", action="extend", default=[], help="DemoRecipe overrides, key=value")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo's own default is 2)")
     parser.add_argument("--output", default=None, help="the demo's output folder (default: a temporary one)")
     parser.add_argument("--aggregate", action="store_true", help="gather the shards into one table")
