@@ -20,6 +20,9 @@ from .configuration_perceptiongpt import BoxHeadConfig
 # The box decoders are in `_keep_in_fp32_modules_strict`: built in fp32 even under a half default dtype.
 FP32 = torch.float32
 
+# The second stage of the query design reads the first box grown by this fraction of its size on each side.
+REFINE_GROWTH = 0.25
+
 # Offsets that make zero logits the centred half-size box (0.25, 0.25, 0.75, 0.75): u = 1/4, f = 2/3.
 _CENTRED_OFFSETS = (math.log(1 / 3), math.log(2), math.log(1 / 3), math.log(2))
 
@@ -54,9 +57,8 @@ def ordered_params_from_box_xyxy(boxes: torch.Tensor) -> torch.Tensor:
 def box_around_centre_xyxy(centre: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
     """A box that contains `centre` (N, 2) (x, y) in [0, 1]: `spread` (N, 4) in [0, 1] are the fractions of the room
     to the left, top, right and bottom that it covers -> (N, 4) xyxy, ordered by construction."""
-    cx, cy = centre.unbind(-1)
-    left, top, right, bottom = spread.unbind(-1)
-    return torch.stack([cx * (1 - left), cy * (1 - top), cx + right * (1 - cx), cy + bottom * (1 - cy)], dim=-1)
+    signed_room = torch.cat([-centre, 1 - centre], dim=-1)  # (N, 4): toward the left, top, right, bottom borders
+    return torch.cat([centre, centre], dim=-1) + spread * signed_room  # six ops: this runs at every decoded `<vis>`
 
 
 def patch_centres(grid: int, device=None) -> torch.Tensor:
@@ -66,19 +68,26 @@ def patch_centres(grid: int, device=None) -> torch.Tensor:
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
 
 
-def sample_box_layout(patches: torch.Tensor, boxes_xyxy: torch.Tensor, layout: int) -> torch.Tensor:
+def layout_steps(layout: int, grow: float = 0.0, device=None) -> torch.Tensor:
+    """(L,) where the centres of L equal cells lie along a box side, as fractions of the side from its low end,
+    after growing the box by `grow` of its size on each side."""
+    return (torch.arange(layout, dtype=torch.float32, device=device) + 0.5) / layout * (1 + 2 * grow) - grow
+
+
+def sample_box_layout(patches: torch.Tensor, boxes_xyxy: torch.Tensor, layout: int, steps=None) -> torch.Tensor:
     """patches (N, g*g, C) of a row-major g x g grid, boxes_xyxy (N, 4) -> (N, L*L, C): the patch map read
     bilinearly (RoIAlign-style) at the centres of each box's L x L cells, row-major; points past the outer patch
-    centres read the border patches."""
+    centres read the border patches. `steps` (L,): other points along each side (`layout_steps`)."""
     n, num_patches, channels = patches.shape
     grid = math.isqrt(num_patches)
     patch_map = patches.transpose(1, 2).reshape(n, channels, grid, grid)  # (N, C, g, g)
-    steps = (torch.arange(layout, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype) + 0.5) / layout  # (L,)
-    x1, y1, x2, y2 = boxes_xyxy[:, :, None].unbind(1)  # (N, 1) each
-    xs, ys = x1 + steps * (x2 - x1), y1 + steps * (y2 - y1)  # (N, L) each
-    points = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (N, L, L, 2): (x, y)
+    steps = layout_steps(layout, device=boxes_xyxy.device) if steps is None else steps
+    low = 2 * boxes_xyxy[:, None, :2] - 1  # (N, 1, 2) in grid_sample's [-1, 1] frame
+    points = low + (2 * boxes_xyxy[:, None, 2:] - 1 - low) * steps[:, None].to(low)  # (N, L, 2): (x, y) per step
+    xs, ys = points.unbind(-1)  # (N, L) each
+    grid_points = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (N, L, L, 2)
     sampled = nn.functional.grid_sample(
-        patch_map, (2 * points - 1).to(patch_map.dtype), mode="bilinear", padding_mode="border", align_corners=False
+        patch_map, grid_points.to(patch_map.dtype), mode="bilinear", padding_mode="border", align_corners=False
     )  # (N, C, L, L)
     return sampled.flatten(2).transpose(1, 2)  # (N, L*L, C)
 
@@ -179,6 +188,12 @@ class QueryBoxDecoder(nn.Module):
         inputs = 2 * d + (2 if self.half_size else 0)
         self.extent = mlp(inputs, d, 6 if self.centre_offset else 4, max(config.num_layers - 1, 1), dtype=FP32)
         self.extent[-1].zero_init = True  # a quarter of the image (or half of the room) on each side, no offset
+        # constants of every decoded `<vis>`, built once (non-persistent: `_init_weights` fills them again after
+        # from_pretrained materializes them uninitialized)
+        self.register_buffer("patch_centres", patch_centres(grid_size), persistent=False)  # (P, 2)
+        # where the refinement reads along each side of the first box (grown by `REFINE_GROWTH`)
+        steps = layout_steps(config.query_refine_layout, grow=REFINE_GROWTH)  # (L,)
+        self.register_buffer("refine_steps", steps, persistent=False)
         # the second stage (`query_refine_layout` L > 0): the fused ViT patches under the first box (grown by a
         # quarter of its size on each side) move its centre and extent, in their logit space (zero init: unchanged)
         self.refine_layout = config.query_refine_layout
@@ -200,22 +215,23 @@ class QueryBoxDecoder(nn.Module):
         """image_features: (N, P, C) patches, or their `project_patches` pair; vision_patches (N, P, C_vit): the fused
         ViT patches the refinement reads; any value on rows without an image."""
         query = self.query(hidden.to(self.query.weight.dtype))  # (N, d)
-        centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
-        attended = torch.zeros_like(query)  # (N, d)
-        patch_logits = hidden.new_zeros(len(hidden), self.grid_size**2, dtype=torch.float32)  # (N, P)
-        if image_features is not None and has_image is not None:
+        if image_features is None or has_image is None:
+            centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
+            attended = torch.zeros_like(query)  # (N, d)
+            patch_logits = hidden.new_zeros(len(hidden), self.grid_size**2, dtype=torch.float32)  # (N, P)
+        else:
             # every row attends and rows without an image are masked out after: no boolean indexing, no host sync
-            # (one per decoded `<vis>` in generate())
+            # (this runs at every decoded `<vis>` of generate())
             keys, values = (
                 image_features if isinstance(image_features, tuple) else self.project_patches(image_features)
             )
-            keys, values = keys.to(query.dtype), values.to(query.dtype)  # (N, P, d) each
-            scores = torch.einsum("nd,npd->np", query, keys).float() / math.sqrt(query.shape[-1])  # (N, P)
+            no_image = ~has_image[:, None]  # (N, 1)
+            scores = (keys.to(query.dtype) @ query[:, :, None])[..., 0].float() / math.sqrt(query.shape[-1])  # (N, P)
             attention = scores.softmax(-1)  # (N, P)
-            has = has_image[:, None]  # (N, 1)
-            patch_logits = torch.where(has, scores, patch_logits)
-            centre = torch.where(has, attention @ patch_centres(self.grid_size, device=attention.device), centre)
-            attended = torch.where(has, torch.einsum("np,npd->nd", attention.to(values.dtype), values), attended)
+            patch_logits = scores.masked_fill(no_image, 0.0)
+            centre = (attention @ self.patch_centres).masked_fill(no_image, 0.5)  # (N, 2); the image centre without
+            attended = (attention[:, None].to(values.dtype) @ values.to(query.dtype))[:, 0]  # (N, d)
+            attended = attended.masked_fill(no_image, 0.0)
         features = [query, attended, centre] if self.half_size else [query, attended]
         out = self.extent(torch.cat(features, dim=-1)).float()  # (N, 4) or (N, 6)
         if self.centre_offset and has_image is not None:  # up to one patch; rows without an image keep the centre
@@ -224,10 +240,13 @@ class QueryBoxDecoder(nn.Module):
         spread_logits = out[:, :4]  # (N, 4)
         if self.refine_layout and vision_patches is not None and has_image is not None:
             first = box_around_centre_xyxy(centre, self._spread(spread_logits, centre)).detach()  # (N, 4)
-            delta = self._refinement(query, vision_patches, first)  # (N, 6)
-            moved = (centre.logit(eps=1e-6) + delta[:, :2]).sigmoid()  # (N, 2); inside (0, 1) but for an offset
-            centre = torch.where(has_image[:, None], moved, centre)
-            spread_logits = torch.where(has_image[:, None], spread_logits + delta[:, 2:], spread_logits)
+            samples = sample_box_layout(vision_patches.to(query.dtype), first, self.refine_layout, self.refine_steps)
+            features = torch.cat([query, self.refine_norm(samples).flatten(1)], dim=-1)  # (N, d + L*L*C)
+            delta = self.refine(features).float().masked_fill(~has_image[:, None], 0.0)  # (N, 6): none without image
+            # logit moves of the centre (x, y) and of the 4 extents; a row without an image has the centre 0.5, whose
+            # logit is 0: it keeps its first box exactly
+            centre = (centre.logit(eps=1e-6) + delta[:, :2]).sigmoid()  # (N, 2); inside (0, 1) but for an offset
+            spread_logits = spread_logits + delta[:, 2:]
         boxes = box_around_centre_xyxy(centre, self._spread(spread_logits, centre))  # (N, 4)
         return BoxPrediction(boxes, patch_logits=patch_logits)
 
@@ -236,15 +255,6 @@ class QueryBoxDecoder(nn.Module):
         if self.half_size:  # up to half the image on each side, the same at every position away from the borders
             return soft_capped_spread(logits.sigmoid() / 2, centre)
         return logits.sigmoid()
-
-    def _refinement(self, query, vision_patches, boxes_xyxy):
-        """(N, d) queries, (N, P, C) fused ViT patches, (N, 4) first boxes -> (N, 6) logit moves of the centre (x, y)
-        and of the 4 extents, from the patches sampled over each box grown by a quarter of its size per side."""
-        quarter = (boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]) / 4  # (N, 2)
-        grown = torch.cat([boxes_xyxy[:, :2] - quarter, boxes_xyxy[:, 2:] + quarter], dim=-1)  # (N, 4)
-        samples = sample_box_layout(vision_patches.to(query.dtype), grown, self.refine_layout)
-        features = torch.cat([query, self.refine_norm(samples).flatten(1)], dim=-1)  # (N, d + L*L*C)
-        return self.refine(features).float()
 
 
 class MaskBoxDecoder(nn.Module):
@@ -292,6 +302,7 @@ def build_box_decoder(config: BoxHeadConfig, text_hidden_size: int, vision_hidde
 
 __all__ = [
     "BOX_DECODERS",
+    "REFINE_GROWTH",
     "BinBoxDecoder",
     "BoxPrediction",
     "LegacyBoxDecoder",
@@ -300,6 +311,7 @@ __all__ = [
     "QueryBoxDecoder",
     "box_around_centre_xyxy",
     "build_box_decoder",
+    "layout_steps",
     "ordered_box_xyxy",
     "ordered_params_from_box_xyxy",
     "patch_centres",

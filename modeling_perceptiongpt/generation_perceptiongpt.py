@@ -335,23 +335,22 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
 
     def _decode_returned_masks(self, state, per_row):
         """Mask logits (n, S, S) per returned row, in one mask-decoder pass; None for rows without an image."""
-        samples = [state.sample_of(r, len(per_row)) for r in range(len(per_row))]
-        has_image, features = self._image_inputs(state, samples)
-        if has_image is None:
+        if state.mask_features is None:
             return [None] * len(per_row)
-        rows = [r for r in range(len(per_row)) if has_image[r] and per_row[r]]
+        image_idx = state.sample_image[[state.sample_of(r, len(per_row)) for r in range(len(per_row))]].tolist()
+        rows = [r for r in range(len(per_row)) if image_idx[r] >= 0 and per_row[r]]
         hidden = [h for r in rows for _, h, _ in per_row[r]]
         masks = None
-        if hidden:  # (N, D) states with each one's image patches (N, g*g, C)
-            image_features = torch.cat([features[r : r + 1].expand(len(per_row[r]), -1, -1) for r in rows])
-            masks = self.mask_decoder(torch.stack(hidden), image_features)  # (N, S, S)
+        if hidden:  # (N, D) states, each with the index of its image: the decoder adapts each image once
+            index = torch.tensor([image_idx[r] for r in rows for _ in per_row[r]], device=state.mask_features.device)
+            masks = self.mask_decoder(torch.stack(hidden), state.mask_features, index)  # (N, S, S)
         side = self.config.mask_head_config.mask_size
         out, start = [], 0
         for r, records in enumerate(per_row):
-            if not has_image[r]:
+            if image_idx[r] < 0:
                 out.append(None)
             elif not records:
-                out.append(features.new_zeros((0, side, side), dtype=torch.float32))
+                out.append(state.mask_features.new_zeros((0, side, side), dtype=torch.float32))
             else:
                 out.append(masks[start : start + len(records)])
                 start += len(records)

@@ -87,23 +87,29 @@ class MaskDecoder(nn.Module):
         """Follows the model's choice: the SAM layers read it from their own config, which no sub-config reaches."""
         self.transformer.config._attn_implementation = sam_attention(implementation)
 
-    def forward(self, hidden: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, image_features: torch.Tensor, image_index=None) -> torch.Tensor:
         """hidden (N, D): states that predict `<vis>`; image_features (N, g*g, C): fused ViT patches of each slot's
-        image. Returns mask logits (N, S, S) in the model's (resized/padded) image frame."""
+        image, or (M, g*g, C) of M images with image_index (N,) picking each slot's (each image is then adapted
+        once). Returns mask logits (N, S, S) in the model's (resized/padded) image frame."""
         g = self.grid_size
         dtype = self.query_proj.weight.dtype
         query = self.query_proj(hidden.to(dtype))[:, None, None, :]  # (N, 1, 1, d)
         feats = image_features.to(dtype)
-        feats = self.feature_shortcut(feats) + self.feature_mlp(feats)  # (N, g*g, d)
+        feats = self.feature_shortcut(feats) + self.feature_mlp(feats)  # (N or M, g*g, d)
+        feats = feats if image_index is None else feats[image_index]  # (N, g*g, d)
         feats = feats.transpose(1, 2).reshape(feats.shape[0], -1, g, g)  # (N, d, g, g)
         pos = self.position_encoding.to(dtype)[None]  # (1, d, g, g)
         query, keys = self.transformer(
             point_embeddings=query, image_embeddings=feats, image_positional_embeddings=pos, attention_similarity=None
         )  # (N, 1, 1, d), (N, 1, g*g, d)
         keys = keys[:, 0].transpose(1, 2).reshape(feats.shape)  # (N, d, g, g)
-        upscaled = self.upsample(keys)  # (N, u, g', g')
+        upscaled = keys
+        for layer in self.upsample[:-1]:
+            upscaled = layer(upscaled)  # (N, u, g', g') at the end
+        last = self.upsample[-1]  # a 1x1 conv: it folds into the hypernetwork's weights (both are linear)
         weights = self.hypernetwork(query[:, 0, 0])  # (N, u)
-        logits = torch.einsum("nu,nuhw->nhw", weights, upscaled)  # (N, g', g')
+        folded = weights @ last.weight.flatten(1)  # (N, u): weights of the upscaled channels before the 1x1 conv
+        logits = torch.einsum("nu,nuhw->nhw", folded, upscaled) + (weights @ last.bias)[:, None, None]  # (N, g', g')
         if logits.shape[-1] != self.mask_size:
             logits = F.interpolate(logits[:, None], size=(self.mask_size, self.mask_size), mode="bilinear")[:, 0]
         return logits.float()  # (N, S, S)

@@ -15,6 +15,7 @@ from perceptiongpt.box_decoders_perceptiongpt import (
     BOX_DECODERS,
     ordered_box_xyxy,
     ordered_params_from_box_xyxy,
+    patch_centres,
     soft_capped_spread,
 )
 from perceptiongpt.configuration_perceptiongpt import BoxHeadConfig, MaskHeadConfig
@@ -368,3 +369,22 @@ def test_query_refinement_starts_as_the_first_box_and_reads_the_patches_under_it
         )
     with pytest.raises(ValueError, match=r"`query_refine_layout` must be >= 0, got -1"):
         BoxHeadConfig(query_refine_layout=-1)
+
+
+def test_query_decoder_constants_are_filled_again_by_from_pretrained(tmp_path):
+    """The patch centres and the refinement's sampling steps are non-persistent buffers, which from_pretrained
+    materializes uninitialized: `_init_weights` fills them again, so the loaded model decodes the same boxes."""
+    torch.manual_seed(0)
+    model = _model("query-refine").eval()
+    model.save_pretrained(tmp_path)
+    loaded = PerceptionGPTForConditionalGeneration.from_pretrained(tmp_path).eval()
+    decoder = loaded.box_decoder
+    torch.testing.assert_close(decoder.patch_centres[:5], torch.tensor([[1, 1], [3, 1], [5, 1], [7, 1], [1, 3]]) / 8)
+    torch.testing.assert_close(decoder.patch_centres, patch_centres(4))  # the tiny preset's 4 x 4 grid
+    # 2 cells over the box grown by a quarter per side: -1/4 + 3/2 * (1/4, 3/4) of the box's side
+    torch.testing.assert_close(decoder.refine_steps, torch.tensor([0.125, 0.875]))
+    hidden, states = _inputs(3)
+    has_image = torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        expected = model.box_decoder(hidden, states, has_image, vision_patches=states).boxes
+        torch.testing.assert_close(decoder(hidden, states, has_image, vision_patches=states).boxes, expected)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from conftest import IMAGE, VIS, make_batch
@@ -240,3 +242,19 @@ def test_test_constants_are_the_tiny_presets_token_ids(tiny_config):
 
     assert (VIS, IMAGE) == (tiny_config.vis_token_id, tiny_config.image_token_id)
     assert (VIS, IMAGE) == (SPECIAL_TOKEN_IDS["<vis>"], SPECIAL_TOKEN_IDS["<image>"])
+
+
+def test_mask_decoder_with_image_index_adapts_each_image_once_and_gives_the_same_masks(tiny_model):
+    """generate() decodes every returned `<vis>` in one pass: M images with an index (N,) instead of N copies."""
+    torch.manual_seed(0)
+    decoder = copy.deepcopy(tiny_model.mask_decoder)
+    with torch.no_grad():  # off the init, whose masks barely depend on the image
+        for parameter in decoder.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    hidden = torch.randn(5, tiny_model.config.text_config.hidden_size)
+    images = torch.randn(2, decoder.grid_size**2, tiny_model.config.vision_config.hidden_size)
+    index = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        indexed, copied = decoder(hidden, images, index), decoder(hidden, images[index])
+        torch.testing.assert_close(indexed, copied)
+        assert (indexed[1] - decoder(hidden[1:2], images[:1])[0]).abs().max() > 1e-4  # the index matters
