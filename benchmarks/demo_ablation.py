@@ -48,6 +48,12 @@ ARMS = {
     # the right object with a box too large)
     "64px_pool_refine4": _before({"query_refine_layout": 4}),
     "64px_pool_layout3_refine4": {},  # the preset
+    # every arm underfits at 3000 steps: more width where the words meet the patches (the LLM), or where the shape
+    # is read (the ViT, 96 wide from scratch)
+    "64px_pool_layout3_refine4_text256": {"text_config": {"hidden_size": 256, "intermediate_size": 512}},
+    "64px_pool_layout3_refine4_vit192": {"vision_config": {"hidden_size": 192, "intermediate_size": 384}},
+    # masks at the upsampler's own 32 x 32 (8 x 8 patches, 2 x2 upsamplings) instead of resized down to 24 x 24
+    "64px_pool_layout3_refine4_mask32": {"mask_head_config": {"mask_size": 32}},
 }
 KEYS = (
     "rec_acc@0.5",
