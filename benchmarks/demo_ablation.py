@@ -23,10 +23,14 @@ from perceptiongpt.trainer import demo
 RESULTS = Path(__file__).parent / "results"
 
 
-# overrides of the `demo` preset (64 px, region features with a 3 x 3 layout, the two-stage query box head); the arms
-# measured before the layout and the second box stage pin them off (`_before`)
+# overrides of the `demo` preset (64 px, region features with a 3 x 3 layout, the two-stage query box head, 32 px
+# masks); the arms measured before them pin them off (`_before`, `MASK24`)
+MASK24 = {"mask_head_config": {"mask_size": 24}}
+
+
 def _before(box=None, **overrides):
-    return {"region_feature_layout": 0, "box_head_config": {"query_refine_layout": 0, **(box or {})}, **overrides}
+    box = {"query_refine_layout": 0, **(box or {})}
+    return {"region_feature_layout": 0, "box_head_config": box, **MASK24, **overrides}
 
 
 ARMS = {
@@ -47,13 +51,13 @@ ARMS = {
     # a second box stage: the fused ViT patches at 4 x 4 points over the first box move it (REC misses were mostly
     # the right object with a box too large)
     "64px_pool_refine4": _before({"query_refine_layout": 4}),
-    "64px_pool_layout3_refine4": {},  # the preset
+    "64px_pool_layout3_refine4": MASK24,
     # every arm underfits at 3000 steps: more width where the words meet the patches (the LLM), or where the shape
     # is read (the ViT, 96 wide from scratch)
     "64px_pool_layout3_refine4_text256": {"text_config": {"hidden_size": 256, "intermediate_size": 512}},
     "64px_pool_layout3_refine4_vit192": {"vision_config": {"hidden_size": 192, "intermediate_size": 384}},
-    # masks at the upsampler's own 32 x 32 (8 x 8 patches, 2 x2 upsamplings) instead of resized down to 24 x 24
-    "64px_pool_layout3_refine4_mask32": {"mask_head_config": {"mask_size": 32}},
+    # masks at the upsampler's own 32 x 32 (8 x 8 patches, two 2x upsamplings) instead of resized down to 24 x 24
+    "64px_pool_layout3_refine4_mask32": {},  # the preset
 }
 KEYS = (
     "rec_acc@0.5",

@@ -363,7 +363,8 @@ _PRESETS = {
                 "mlp_dim": 128,
                 "num_upsample_layers": 2,
                 "upsample_channels": 16,
-                "mask_size": 24,
+                # the upsampler's own 32 (8 x 8 patches, two 2x upsamplings): RES gIoU 0.624 against 0.550 at 24
+                "mask_size": 32,
                 "encoder_channels": 16,
                 "encoder_num_layers": 3,
             },

@@ -195,7 +195,7 @@ def _corner_squares(side, square):
     return masks
 
 
-@pytest.mark.parametrize("preset, side, square", [("demo", 24, 6), ("paper", 256, 64)])
+@pytest.mark.parametrize("preset, side, square", [("demo", 32, 8), ("paper", 256, 64)])
 def test_mask_encoder_keeps_where_the_mask_is(preset, side, square):
     """At init, with the model's own `_init_weights`, opposite-corner squares must not look alike (cosine < 0.9)."""
     config = PerceptionGPTConfig.from_preset(preset)
