@@ -190,9 +190,8 @@ class QueryBoxDecoder(nn.Module):
         self.extent[-1].zero_init = True  # a quarter of the image (or half of the room) on each side, no offset
         # constants of every decoded `<vis>`, built once (non-persistent: `_init_weights` fills them again after
         # from_pretrained materializes them uninitialized)
-        self.register_buffer("patch_centres", patch_centres(grid_size), persistent=False)  # (P, 2)
-        # where the refinement reads along each side of the first box (grown by `REFINE_GROWTH`)
-        steps = layout_steps(config.query_refine_layout, grow=REFINE_GROWTH)  # (L,)
+        centres, steps = self.constants(grid_size, config.query_refine_layout)
+        self.register_buffer("patch_centres", centres, persistent=False)
         self.register_buffer("refine_steps", steps, persistent=False)
         # the second stage (`query_refine_layout` L > 0): the fused ViT patches under the first box (grown by a
         # quarter of its size on each side) move its centre and extent, in their logit space (zero init: unchanged)
@@ -202,6 +201,12 @@ class QueryBoxDecoder(nn.Module):
             refine_inputs = d + self.refine_layout**2 * vision_hidden_size
             self.refine = mlp(refine_inputs, d, 6, max(config.num_layers - 1, 1), dtype=FP32)
             self.refine[-1].zero_init = True
+
+    @staticmethod
+    def constants(grid_size: int, refine_layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers' values: the (P, 2) patch centres, and the (L,) points where the second stage reads along
+        each side of the first box (grown by `REFINE_GROWTH`)."""
+        return patch_centres(grid_size), layout_steps(refine_layout, grow=REFINE_GROWTH)
 
     def project_patches(self, patches):
         """(N, P, C) patches -> their (keys, values), each (N, P, d): generate() projects each sample's once and passes
@@ -302,7 +307,6 @@ def build_box_decoder(config: BoxHeadConfig, text_hidden_size: int, vision_hidde
 
 __all__ = [
     "BOX_DECODERS",
-    "REFINE_GROWTH",
     "BinBoxDecoder",
     "BoxPrediction",
     "LegacyBoxDecoder",

@@ -17,13 +17,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import is_torchdynamo_compiling
 from transformers.utils.generic import can_return_tuple
 
-from .box_decoders_perceptiongpt import (
-    REFINE_GROWTH,
-    QueryBoxDecoder,
-    build_box_decoder,
-    layout_steps,
-    patch_centres,
-)
+from .box_decoders_perceptiongpt import QueryBoxDecoder, build_box_decoder
 from .generation_perceptiongpt import PerceptionGPTGenerationMixin
 from .heads_perceptiongpt import (
     PERCEPTION_NO_SPLIT_MODULES,
@@ -90,8 +84,9 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
             encoding = module.position_encoding  # (d, g, g)
             init.copy_(encoding, sine_position_encoding_2d(encoding.shape[0], module.grid_size, module.grid_size))
         elif isinstance(module, QueryBoxDecoder):  # its non-persistent buffers, as the mask decoder's
-            init.copy_(module.patch_centres, patch_centres(module.grid_size))
-            init.copy_(module.refine_steps, layout_steps(module.refine_layout, grow=REFINE_GROWTH))
+            centres, steps = module.constants(module.grid_size, module.refine_layout)
+            init.copy_(module.patch_centres, centres)
+            init.copy_(module.refine_steps, steps)
         else:
             super()._init_weights(module)
 
