@@ -103,13 +103,9 @@ class MaskDecoder(nn.Module):
             point_embeddings=query, image_embeddings=feats, image_positional_embeddings=pos, attention_similarity=None
         )  # (N, 1, 1, d), (N, 1, g*g, d)
         keys = keys[:, 0].transpose(1, 2).reshape(feats.shape)  # (N, d, g, g)
-        upscaled = keys
-        for layer in self.upsample[:-1]:
-            upscaled = layer(upscaled)  # (N, u, g', g') at the end
-        last = self.upsample[-1]  # a 1x1 conv: it folds into the hypernetwork's weights (both are linear)
+        upscaled = self.upsample(keys)  # (N, u, g', g')
         weights = self.hypernetwork(query[:, 0, 0])  # (N, u)
-        folded = weights @ last.weight.flatten(1)  # (N, u): weights of the upscaled channels before the 1x1 conv
-        logits = torch.einsum("nu,nuhw->nhw", folded, upscaled) + (weights @ last.bias)[:, None, None]  # (N, g', g')
+        logits = torch.einsum("nu,nuhw->nhw", weights, upscaled)  # (N, g', g')
         if logits.shape[-1] != self.mask_size:
             logits = F.interpolate(logits[:, None], size=(self.mask_size, self.mask_size), mode="bilinear")[:, 0]
         return logits.float()  # (N, S, S)
