@@ -158,8 +158,8 @@ def inputs_for(config, batch):
 
 
 def timed(model, inputs, new_tokens, processors):
-    """(wall seconds, CPU seconds of this process, output): on a shared machine the CPU time is the steadier figure
-    (other tenants stretch the wall clock, not the work done)."""
+    """(wall seconds, CPU seconds of this process, output): CPU time leaves out what other processes take; where it
+    equals the wall clock, the noise is the host's speed itself."""
     start, cpu_start = time.perf_counter(), time.process_time()
     with torch.no_grad():
         out = model.generate(

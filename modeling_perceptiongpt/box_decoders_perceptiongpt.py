@@ -220,6 +220,7 @@ class QueryBoxDecoder(nn.Module):
         """image_features: (N, P, C) patches, or their `project_patches` pair; vision_patches (N, P, C_vit): the fused
         ViT patches the refinement reads; any value on rows without an image."""
         query = self.query(hidden.to(self.query.weight.dtype))  # (N, d)
+        no_image = None if has_image is None else ~has_image[:, None]  # (N, 1)
         if image_features is None or has_image is None:
             centre = hidden.new_full((len(hidden), 2), 0.5, dtype=torch.float32)  # (N, 2)
             attended = torch.zeros_like(query)  # (N, d)
@@ -230,7 +231,6 @@ class QueryBoxDecoder(nn.Module):
             keys, values = (
                 image_features if isinstance(image_features, tuple) else self.project_patches(image_features)
             )
-            no_image = ~has_image[:, None]  # (N, 1)
             scores = (keys.to(query.dtype) @ query[:, :, None])[..., 0].float() / math.sqrt(query.shape[-1])  # (N, P)
             attention = scores.softmax(-1)  # (N, P)
             patch_logits = scores.masked_fill(no_image, 0.0)
@@ -247,7 +247,7 @@ class QueryBoxDecoder(nn.Module):
             first = box_around_centre_xyxy(centre, self._spread(spread_logits, centre)).detach()  # (N, 4)
             samples = sample_box_layout(vision_patches.to(query.dtype), first, self.refine_layout, self.refine_steps)
             features = torch.cat([query, self.refine_norm(samples).flatten(1)], dim=-1)  # (N, d + L*L*C)
-            delta = self.refine(features).float().masked_fill(~has_image[:, None], 0.0)  # (N, 6): none without image
+            delta = self.refine(features).float().masked_fill(no_image, 0.0)  # (N, 6): none without an image
             # logit moves of the centre (x, y) and of the 4 extents; a row without an image has the centre 0.5, whose
             # logit is 0: it keeps its first box exactly
             centre = (centre.logit(eps=1e-6) + delta[:, :2]).sigmoid()  # (N, 2); inside (0, 1) but for an offset
