@@ -15,7 +15,7 @@ from transformers import GenerationMixin, LogitsProcessorList, SuppressTokensLog
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 from .generation_state_perceptiongpt import PerceptionGenerationState
-from .region_inputs import DECODED_BY_GENERATE, last_image_index_per_row
+from .region_inputs import DECODED_BY_GENERATE, heads_inference_mode, last_image_index_per_row
 from .streaming_perceptiongpt import GroundedObject, _EndDeferred
 
 
@@ -279,7 +279,9 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
                 state.projected_states = self.box_decoder.project_patches(state.image_states)  # (B, g*g, d) x 2
             image_states = tuple(part[samples] for part in state.projected_states)  # (N, g*g, d) x 2
         no_masks = torch.zeros(len(todo), dtype=torch.bool, device=hidden.device)  # only boxes are fed back
-        boxes = self.decode_regions(hidden, features, has_image, no_masks, image_states)[0].boxes  # (N, 4)
+        with heads_inference_mode():
+            boxes = self.decode_regions(hidden, features, has_image, no_masks, image_states)[0].boxes  # (N, 4)
+        boxes = boxes.clone()  # a normal tensor: the records leave generate() (outputs, streamer)
         scores = torch.stack([score for _, _, (_, score) in todo])  # (N,)
         for i, (key, _, _) in enumerate(todo):  # views of these (N, ...) tensors, never of a forward's outputs
             state.records[key] = (boxes[i], hidden[i], scores[i])
@@ -343,7 +345,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         masks = None
         if hidden:  # (N, D) states, each with the index of its image: the decoder adapts each image once
             index = torch.tensor([image_idx[r] for r in rows for _ in per_row[r]], device=state.mask_features.device)
-            masks = self.mask_decoder(torch.stack(hidden), state.mask_features, index)  # (N, S, S)
+            masks = self.mask_decoder.decode_in_chunks(torch.stack(hidden), state.mask_features, index)  # (N, S, S)
         side = self.config.mask_head_config.mask_size
         out, start = [], 0
         for r, records in enumerate(per_row):

@@ -16,6 +16,13 @@ from transformers.models.sam.configuration_sam import SamMaskDecoderConfig
 from transformers.models.sam.modeling_sam import SamLayerNorm, SamTwoWayTransformer
 
 from .configuration_perceptiongpt import MaskHeadConfig
+from .region_inputs import heads_inference_mode
+
+
+# Inference decodes many masks in chunks whose upscaled maps fit this many bytes: buffers the allocator reuses between
+# chunks, where one pass over all of them page-faults fresh memory for every intermediate map (512 demo-sized masks:
+# ~17k page faults and ~30% slower on CPU; benchmarks/generate_overhead.py).
+INFERENCE_CHUNK_BYTES = 4 * 2**20
 
 
 def sine_position_encoding_2d(dim: int, height: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -37,6 +44,39 @@ def sam_attention(implementation: str | None) -> str:
     """The mask decoder's attention for the model's: eager when asked, else sdpa (the decoder runs in fp32, where
     half-precision kernels such as flash attention do not apply)."""
     return "eager" if implementation == "eager" else "sdpa"
+
+
+class UpsampleConvTranspose(nn.ConvTranspose2d):
+    """A 2x2, stride-2 transposed conv on channels-last maps, (N, H, W, C) -> (N, 2H, 2W, C'): one matmul and a pixel
+    shuffle, about twice as fast on CPU as the convolution kernel at these widths. Parameters as nn.ConvTranspose2d's
+    (weight (C, C', 2, 2)), so checkpoints load unchanged."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = features.shape
+        out = self.out_channels
+        weight = self.weight.permute(0, 2, 3, 1).reshape(c, 4 * out)  # (C, 2*2*C'): (dy, dx, c') per input channel
+        shuffled = torch.addmm(self.bias.repeat(4), features.reshape(-1, c), weight)  # (N*H*W, 4C')
+        shuffled = shuffled.view(n, h, w, 2, 2, out).permute(0, 1, 3, 2, 4, 5)  # (N, H, dy, W, dx, C')
+        return shuffled.reshape(n, 2 * h, 2 * w, out)
+
+
+class HypernetworkProjection(nn.Conv2d):
+    """The upsampler's last 1x1 conv, applied with the per-slot hypernetwork weights: mask logits are
+    sum_o weights[n, o] * conv(x)[n, o], computed as x . (weights @ W) + weights . b, so the conv is folded into the
+    (N, u) weights instead of run on every pixel. A module of its own, so that accelerate's hooks (offload) see its
+    weights used inside its forward. Parameters as nn.Conv2d's (weight (u, C, 1, 1))."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """features (N, H, W, C) channels-last, weights (N, u) -> (N, H, W) mask logits."""
+        folded = weights @ self.weight.flatten(1)  # (N, C)
+        bias = (weights @ self.bias)[:, None, None]  # (N, 1, 1)
+        return torch.baddbmm(bias, features.flatten(1, 2), folded[:, :, None]).view(features.shape[:3])
 
 
 class MaskDecoder(nn.Module):
@@ -70,22 +110,36 @@ class MaskDecoder(nn.Module):
         )
         sam_config._attn_implementation = sam_attention(attn_implementation)  # see `set_attn_implementation`
         self.transformer = SamTwoWayTransformer(sam_config)
+        # channels-last throughout: every step is a matmul or a norm over the last dim (see `UpsampleConvTranspose`)
         upsample, channels = [], d
         for i in range(config.num_upsample_layers):
             out = u if i == config.num_upsample_layers - 1 else max(u, channels // 2)
             upsample += [
-                nn.ConvTranspose2d(channels, out, kernel_size=2, stride=2),
-                SamLayerNorm(out, data_format="channels_first"),
+                UpsampleConvTranspose(channels, out),
+                SamLayerNorm(out, data_format="channels_last"),
                 nn.GELU(),
             ]
             channels = out
-        upsample.append(nn.Conv2d(channels, u, kernel_size=1))
+        upsample.append(HypernetworkProjection(channels, u))
         self.upsample = nn.Sequential(*upsample)
         self.hypernetwork = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, u))
 
     def set_attn_implementation(self, implementation: str | None) -> None:
         """Follows the model's choice: the SAM layers read it from their own config, which no sub-config reaches."""
         self.transformer.config._attn_implementation = sam_attention(implementation)
+
+    def decode_in_chunks(self, hidden: torch.Tensor, image_features: torch.Tensor, image_index: torch.Tensor):
+        """`forward` with image_index, run over chunks of slots (see `INFERENCE_CHUNK_BYTES`): for generate()'s returned
+        masks, which are decoded without gradients. Returns (N, S, S) mask logits."""
+        side = self.grid_size * 2 ** (len(self.upsample) // 3)
+        per_slot = side * side * self.upsample[-1].in_channels * self.query_proj.weight.element_size()
+        step = max(INFERENCE_CHUNK_BYTES // per_slot, 1)
+        with heads_inference_mode():
+            chunks = [
+                self(hidden[i : i + step], image_features, image_index[i : i + step])
+                for i in range(0, len(hidden), step)
+            ]
+        return torch.cat(chunks)  # (N, S, S), a normal tensor
 
     def forward(self, hidden: torch.Tensor, image_features: torch.Tensor, image_index=None) -> torch.Tensor:
         """hidden (N, D): states that predict `<vis>`; image_features (N, g*g, C): fused ViT patches of each slot's
@@ -97,18 +151,25 @@ class MaskDecoder(nn.Module):
         feats = image_features.to(dtype)
         feats = self.feature_shortcut(feats) + self.feature_mlp(feats)  # (N or M, g*g, d)
         feats = feats if image_index is None else feats[image_index]  # (N, g*g, d)
-        feats = feats.transpose(1, 2).reshape(feats.shape[0], -1, g, g)  # (N, d, g, g)
+        feats = feats.transpose(1, 2).unflatten(-1, (g, g))  # (N, d, g, g): a view, which SAM flattens back
         pos = self.position_encoding.to(dtype)[None]  # (1, d, g, g)
         query, keys = self.transformer(
             point_embeddings=query, image_embeddings=feats, image_positional_embeddings=pos, attention_similarity=None
         )  # (N, 1, 1, d), (N, 1, g*g, d)
-        keys = keys[:, 0].transpose(1, 2).reshape(feats.shape)  # (N, d, g, g)
-        upscaled = self.upsample(keys)  # (N, u, g', g')
+        upscaled = keys[:, 0].reshape(len(keys), g, g, -1)  # (N, g, g, d): channels-last
+        for layer in self.upsample[:-1]:
+            upscaled = layer(upscaled)  # (N, g', g', u) at the end
         weights = self.hypernetwork(query[:, 0, 0])  # (N, u)
-        logits = torch.einsum("nu,nuhw->nhw", weights, upscaled)  # (N, g', g')
+        logits = self.upsample[-1](upscaled, weights)  # (N, g', g')
         if logits.shape[-1] != self.mask_size:
             logits = F.interpolate(logits[:, None], size=(self.mask_size, self.mask_size), mode="bilinear")[:, 0]
         return logits.float()  # (N, S, S)
 
 
-__all__ = ["MaskDecoder", "sam_attention", "sine_position_encoding_2d"]
+__all__ = [
+    "HypernetworkProjection",
+    "MaskDecoder",
+    "UpsampleConvTranspose",
+    "sam_attention",
+    "sine_position_encoding_2d",
+]

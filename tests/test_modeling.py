@@ -258,3 +258,39 @@ def test_mask_decoder_with_image_index_adapts_each_image_once_and_gives_the_same
         indexed, copied = decoder(hidden, images, index), decoder(hidden, images[index])
         torch.testing.assert_close(indexed, copied)
         assert (indexed[1] - decoder(hidden[1:2], images[:1])[0]).abs().max() > 1e-4  # the index matters
+
+
+def test_channels_last_upsampler_equals_the_convolutions_it_replaces():
+    """`UpsampleConvTranspose` / `HypernetworkProjection` hold nn.ConvTranspose2d / nn.Conv2d parameters (checkpoints
+    load unchanged) and compute what those convolutions (and the hypernetwork's dot product) compute."""
+    from perceptiongpt.mask_decoder_perceptiongpt import HypernetworkProjection, UpsampleConvTranspose
+
+    torch.manual_seed(0)
+    upsample, reference = UpsampleConvTranspose(6, 4), torch.nn.ConvTranspose2d(6, 4, kernel_size=2, stride=2)
+    reference.load_state_dict(upsample.state_dict())
+    maps = torch.randn(3, 6, 5, 7)  # (N, C, H, W): non-square, so a swapped axis shows
+    expected = reference(maps).permute(0, 2, 3, 1)  # (N, 2H, 2W, C')
+    torch.testing.assert_close(upsample(maps.permute(0, 2, 3, 1).contiguous()), expected)
+    projection, conv = HypernetworkProjection(4, 5), torch.nn.Conv2d(4, 5, kernel_size=1)
+    conv.load_state_dict(projection.state_dict())
+    weights = torch.randn(3, 5)
+    expected = torch.einsum("nu,nuhw->nhw", weights, conv(expected.permute(0, 3, 1, 2)))
+    torch.testing.assert_close(projection(upsample(maps.permute(0, 2, 3, 1)), weights), expected)
+
+
+def test_mask_decoder_in_chunks_equals_one_pass_and_returns_a_normal_tensor(tiny_model, monkeypatch):
+    """generate()'s returned masks are decoded in chunks, each under inference mode; the result leaves generate(), so
+    it must be an ordinary tensor (in-place edits work)."""
+    import perceptiongpt.mask_decoder_perceptiongpt as mask_decoder
+
+    torch.manual_seed(0)
+    decoder = tiny_model.mask_decoder
+    hidden = torch.randn(7, tiny_model.config.text_config.hidden_size)
+    images = torch.randn(2, decoder.grid_size**2, tiny_model.config.vision_config.hidden_size)
+    index = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    monkeypatch.setattr(mask_decoder, "INFERENCE_CHUNK_BYTES", 1)  # one slot per chunk
+    with torch.no_grad():
+        chunked, whole = decoder.decode_in_chunks(hidden, images, index), decoder(hidden, images, index)
+    torch.testing.assert_close(chunked, whole)
+    assert not chunked.is_inference()
+    chunked.mul_(2.0)

@@ -108,3 +108,18 @@ def test_bad_streamer_arguments_raise(tiny_model):
     ids, attention, pixels, boxes = _prompt()
     with pytest.raises(ValueError, match="beam"):  # transformers' own rule: beam search takes no streamer
         _generate(tiny_model, ids, attention, pixels, boxes, streamer=ObjectStreamer(), num_beams=2)
+
+
+def test_streamed_and_returned_regions_are_normal_tensors(tiny_model):
+    """The heads run under inference mode inside generate(); what leaves it takes in-place edits (an inference
+    tensor would raise outside inference mode)."""
+    ids, attention, pixels, boxes = _prompt()
+    streamer = ObjectStreamer()
+    out = _generate(tiny_model, ids, attention, pixels, boxes, streamer=streamer)
+    assert streamer.objects
+    for obj in streamer.objects:
+        assert not obj.box.is_inference() and not obj.mask.is_inference()
+        obj.box.mul_(2.0)
+    for boxes, masks in zip(out.pred_boxes, out.pred_masks):
+        assert not boxes.is_inference() and not masks.is_inference()
+        boxes.mul_(2.0), masks.mul_(2.0)
