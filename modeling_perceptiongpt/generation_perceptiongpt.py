@@ -277,10 +277,13 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         if state.image_states is not None and self.box_decoder.reads_llm_image_states:
             if state.projected_states is None:
                 state.projected_states = self.box_decoder.project_patches(state.image_states)  # (B, g*g, d) x 2
-            image_states = tuple(part[samples] for part in state.projected_states)  # (N, g*g, d) x 2
-        no_masks = torch.zeros(len(todo), dtype=torch.bool, device=hidden.device)  # only boxes are fed back
+            image_states = tuple(state.per_sample(part, samples) for part in state.projected_states)  # (N, g*g, d)
         with heads_inference_mode():
-            boxes = self.decode_regions(hidden, features, has_image, no_masks, image_states)[0].boxes  # (N, 4)
+            if self.box_decoder.needs_masks or has_image is None:
+                no_masks = torch.zeros(len(todo), dtype=torch.bool, device=hidden.device)  # boxes are fed back
+                boxes = self.decode_regions(hidden, features, has_image, no_masks, image_states)[0].boxes  # (N, 4)
+            else:  # no mask work at all
+                boxes = self.decode_boxes(hidden, features, has_image, image_states).boxes  # (N, 4)
         boxes = boxes.clone()  # a normal tensor: the records leave generate() (outputs, streamer)
         scores = torch.stack([score for _, _, (_, score) in todo])  # (N,)
         for i, (key, _, _) in enumerate(todo):  # views of these (N, ...) tensors, never of a forward's outputs
@@ -290,8 +293,9 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         """(has_image (N,) bool, fused patches (N, g*g, C)) of each sample's image, or (None, None) without images."""
         if state.mask_features is None:
             return None, None
-        image_idx = state.sample_image[samples]  # (N,)
-        return image_idx >= 0, state.mask_features[image_idx.clamp(min=0)]
+        if state.sample_inputs is None:  # each sample's, gathered once per generate()
+            state.sample_inputs = (state.sample_image >= 0, state.mask_features[state.sample_image.clamp(min=0)])
+        return tuple(state.per_sample(value, samples) for value in state.sample_inputs)
 
     def _boxes_for_sequences(self, state, input_ids, prompt_boxes):
         """(R, T) sequences -> (R, K, 4) boxes of their `<vis>` slots: prompt slots from `prompt_boxes` (expanded),

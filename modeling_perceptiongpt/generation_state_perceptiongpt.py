@@ -20,9 +20,18 @@ class PerceptionGenerationState:
         self.image_states = None  # (B, g*g, D) LLM states at each sample's last image, for boxes that read them
         self.streamer = None  # the caller's streamer when it takes objects (`on_object`)
         self.projected_states = None  # (keys, values) of image_states, for a box head that reads them
+        self.sample_inputs = None  # (has_image (B,), fused patches (B, g*g, C)) of each sample's image
+        self.all_samples = list(range(batch_size))
 
     def sample_of(self, row: int, num_rows: int) -> int:
         return row // max(num_rows // self.batch_size, 1)
+
+    def per_sample(self, values: torch.Tensor, samples: list[int]) -> torch.Tensor:
+        """(B, ...) -> (N, ...) rows of `samples`; `values` itself when they are all samples in order (a step of a
+        search without beams), without an indexing op."""
+        if samples == self.all_samples:
+            return values
+        return values[torch.tensor(samples, device=values.device)]
 
     def generated_vis(self, sequences: torch.Tensor, vis_token_id: int) -> torch.Tensor:
         """(R, T) sequences -> (R, T) bool: the `<vis>` generated after the prompt."""

@@ -36,14 +36,11 @@ def perception_module_names(config) -> list[str]:
 def box_coverage(boxes_xyxy: torch.Tensor, grid: int) -> torch.Tensor:
     """(..., 4) normalized xyxy -> (..., grid * grid): the fraction of each cell of a grid x grid layout (row-major)
     that the box covers. Elementwise, without branches: it traces inside a compiled decode step."""
-    edges = torch.linspace(0, 1, grid + 1, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype)
-    low, high = edges[:-1], edges[1:]  # (g,)
-
-    def cover(start, end):  # (..., 1) -> (..., g)
-        return ((torch.minimum(end, high) - torch.maximum(start, low)).clamp(min=0) * grid).clamp(max=1)
-
-    x1, y1, x2, y2 = boxes_xyxy.unsqueeze(-1).unbind(-2)
-    return (cover(y1, y2)[..., :, None] * cover(x1, x2)[..., None, :]).flatten(-2)
+    edges = torch.linspace(0, 1, grid + 1, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype)  # (g+1,)
+    starts, ends = boxes_xyxy[..., :2, None], boxes_xyxy[..., 2:, None]  # (..., 2, 1): x then y
+    cover = (torch.minimum(ends, edges[1:]) - torch.maximum(starts, edges[:-1])).clamp(min=0)  # (..., 2, g)
+    cover = (cover * grid).clamp(max=1)  # per axis: the fraction of each row / column of cells covered
+    return (cover[..., 1, :, None] * cover[..., 0, None, :]).flatten(-2)  # (y, x) row-major
 
 
 def _first_and_end(lines: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

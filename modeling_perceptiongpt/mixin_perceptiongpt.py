@@ -155,21 +155,26 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
         want_masks = has_image if want_masks is None else want_masks & has_image
         decode = has_image if self.box_decoder.needs_masks else want_masks  # (N,)
         masks = self.mask_decoder(hidden[decode], image_features[decode]) if decode.any() else None
+        box = self.decode_boxes(hidden, image_features, has_image, image_states, masks)
+        if masks is not None and self.box_decoder.needs_masks:
+            masks = masks[want_masks[has_image]] if want_masks.any() else None
+        return box, masks
+
+    def decode_boxes(self, hidden, image_features, has_image, image_states=None, mask_logits=None):
+        """The box part of `decode_regions` (same arguments; has_image (N,) bool, not None), for a box decoder that
+        reads no masks unless `mask_logits` (N_img, S, S) are given: generate() feeds back boxes only."""
         patches = image_states if self.box_decoder.reads_llm_image_states else image_features
         weight = next(self.box_decoder.parameters(), None)  # the "mask" design has none
         dtype = hidden.dtype if weight is None else weight.dtype  # fp32 under a bf16 model (`_keep_in_fp32_modules`)
         if patches is not None and not isinstance(patches, tuple):  # a tuple: the query design's projected patches
             patches = patches.to(dtype)
-        box = self.box_decoder(
+        return self.box_decoder(
             hidden.to(dtype),
             patches,
             has_image,
-            None if masks is None else masks.to(dtype),
+            None if mask_logits is None else mask_logits.to(dtype),
             vision_patches=image_features,  # the fused ViT patches (read by the query design's second stage)
         )
-        if masks is not None and self.box_decoder.needs_masks:
-            masks = masks[want_masks[has_image]] if want_masks.any() else None
-        return box, masks
 
     def encode_images(self, pixel_values, **image_kwargs):
         """Runs the vision tower once: the family's `get_image_features` output (its `pooler_output` feeds the LLM)
