@@ -210,11 +210,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         if state is not None:
             hidden = outputs.last_hidden_state[:, -1]  # (R, D): states that predict the next token
             vis_prob = outputs.logits[:, -1].float().softmax(-1)[:, self.config.vis_token_id]  # (R,)
-            rows = state.last_inputs.shape[0]
-            sequences = state.last_inputs.cpu()  # one device-to-host copy per step, not one per row
-            state.pending = {
-                state.key(state.sample_of(r, rows), sequences[r]): (hidden[r], vis_prob[r]) for r in range(rows)
-            }
+            state.pending = {key: r for r, key in enumerate(state.row_keys(state.last_inputs)[0])}
+            state.pending_outputs = hidden, vis_prob
         return model_kwargs
 
     def _capture_images(self, state, input_ids, mm_encoder_outputs):
@@ -235,13 +232,16 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
     def _decode_new_vis(self, state, input_ids):
         """Decodes every row whose newest token is `<vis>`, from the state that predicted it (also after the last
         step, whose `<vis>` is never fed back), and streams it. Returns those rows' (row, record key)."""
-        host = input_ids.cpu()  # one device-to-host copy, not one per row
-        rows = (host[:, -1] == self.config.vis_token_id).nonzero(as_tuple=True)[0].tolist()
-        keyed = [(r, state.key(state.sample_of(r, host.shape[0]), host[r])) for r in rows]
+        newest = input_ids[:, -1].cpu().numpy()  # (R,): one device-to-host copy, not one per row
+        rows = (newest == self.config.vis_token_id).nonzero()[0].tolist()
+        if not rows:
+            return []
+        keys, before = state.row_keys(input_ids)
+        keyed = [(r, keys[r]) for r in rows]
         todo = {}  # rows with the same sample and generated suffix share one record
         for r, key in keyed:
             if key not in state.records:  # predicted by the prefix without the newest token
-                todo[key] = (key, key[0], state.predicting(state.key(key[0], host[r, :-1])))
+                todo[key] = (key, key[0], state.predicting(before[r]))
         if todo:
             self._decode_into_records(state, list(todo.values()))
         self._stream_objects(state, input_ids, rows)
@@ -264,7 +264,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             state.streamer.on_object(obj)
 
     def _decode_into_records(self, state, todo):
-        hidden = torch.stack([h for _, _, (h, _) in todo])  # (N, D)
+        hidden, scores = state.predicted([row for _, _, row in todo])  # (N, D), (N,)
         samples = [sample for _, sample, _ in todo]
         has_image, features = self._image_inputs(state, samples)
         if self.box_decoder.reads_llm_image_states and state.image_states is None and has_image is not None:
@@ -285,7 +285,6 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             else:  # no mask work at all
                 boxes = self.decode_boxes(hidden, features, has_image, image_states).boxes  # (N, 4)
         boxes = boxes.clone()  # a normal tensor: the records leave generate() (outputs, streamer)
-        scores = torch.stack([score for _, _, (_, score) in todo])  # (N,)
         for i, (key, _, _) in enumerate(todo):  # views of these (N, ...) tensors, never of a forward's outputs
             state.records[key] = (boxes[i], hidden[i], scores[i])
 
