@@ -208,10 +208,9 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         if state is not None and state.image_states is None and outputs.image_token_states is not None:
             self._capture_image_states(state, outputs.image_token_states)
         if state is not None:
-            hidden = outputs.last_hidden_state[:, -1]  # (R, D): states that predict the next token
-            vis_prob = outputs.logits[:, -1].float().softmax(-1)[:, self.config.vis_token_id]  # (R,)
+            # (R, D) states and (R, V) logits that predict the next token; P(<vis>) only for the rows that decode one
+            state.pending_outputs = outputs.last_hidden_state[:, -1], outputs.logits[:, -1]
             state.pending = {key: r for r, key in enumerate(state.row_keys(state.last_inputs)[0])}
-            state.pending_outputs = hidden, vis_prob
         return model_kwargs
 
     def _capture_images(self, state, input_ids, mm_encoder_outputs):
@@ -264,7 +263,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             state.streamer.on_object(obj)
 
     def _decode_into_records(self, state, todo):
-        hidden, scores = state.predicted([row for _, _, row in todo])  # (N, D), (N,)
+        hidden, scores = state.predicted([row for _, _, row in todo], self.config.vis_token_id)  # (N, D), (N,)
         samples = [sample for _, sample, _ in todo]
         has_image, features = self._image_inputs(state, samples)
         if self.box_decoder.reads_llm_image_states and state.image_states is None and has_image is not None:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import IMAGE, VIS, make_batch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from perceptiongpt import PerceptionGPTConfig, PerceptionGPTForConditionalGeneration
 from perceptiongpt.region_inputs import image_index_per_token
@@ -353,6 +354,30 @@ def test_records_are_keyed_by_the_generated_suffix_and_masks_decoded_once(tiny_m
     no_boxes = torch.full((2, 1, 4), NAN)
     err, count, mask_err = _teacher_forced(tiny_model, out, ids, torch.ones_like(ids), pixels, no_boxes)
     assert count >= 2 and err < 1e-6 and mask_err < 1e-5
+
+
+class _ForceVis(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, VIS] = 0.0
+        return forced
+
+
+def test_every_row_decoding_at_every_step_keeps_no_step_outputs_alive(tiny_model, monkeypatch):
+    """A search without beams where every row decodes a `<vis>` at every step takes the step's states whole (no
+    gather): the records must still own only their bytes, and match teacher forcing."""
+    ids, attention, pixels, boxes = _prompt(pad_row1=0)
+    seen, collect = [], tiny_model._collect_generated_regions
+    monkeypatch.setattr(
+        tiny_model, "_collect_generated_regions", lambda seqs, st: seen.append(st) or collect(seqs, st)
+    )
+    out = _generate(tiny_model, ids, attention, pixels, boxes, logits_processor=LogitsProcessorList([_ForceVis()]))
+    assert [len(row) for row in out.pred_boxes] == [8, 8]
+    tensors = [tensor for record in seen[0].records.values() for tensor in record]
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
+    assert sum(storages.values()) == sum(tensor.nbytes for tensor in tensors)
+    err, count, mask_err = _teacher_forced(tiny_model, out, ids, attention, pixels, boxes)
+    assert count == 16 and err < 1e-6 and mask_err < 1e-5
 
 
 @pytest.mark.parametrize("image", [False, True])
