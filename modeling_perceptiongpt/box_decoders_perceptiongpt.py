@@ -74,18 +74,25 @@ def layout_steps(layout: int, grow: float = 0.0, device=None) -> torch.Tensor:
     return (torch.arange(layout, dtype=torch.float32, device=device) + 0.5) / layout * (1 + 2 * grow) - grow
 
 
-def sample_box_layout(patches: torch.Tensor, boxes_xyxy: torch.Tensor, layout: int, steps=None) -> torch.Tensor:
+def layout_points(layout: int, grow: float = 0.0, device=None) -> torch.Tensor:
+    """(4, L*L*2): normalized xyxy boxes (N, 4) @ this - 1 = the (x, y) of their L x L cell centres (row-major,
+    `layout_steps` along each side) in grid_sample's [-1, 1] frame, as one matmul."""
+    steps = layout_steps(layout, grow, device)  # (L,)
+    weights = torch.zeros(4, layout, layout, 2, device=device)  # (xyxy, cell row, cell column, x or y)
+    weights[0, :, :, 0], weights[2, :, :, 0] = 2 * (1 - steps), 2 * steps  # x from x1, x2: along the columns
+    weights[1, :, :, 1], weights[3, :, :, 1] = 2 * (1 - steps[:, None]), 2 * steps[:, None]  # y: along the rows
+    return weights.flatten(1)
+
+
+def sample_box_layout(patches: torch.Tensor, boxes_xyxy: torch.Tensor, layout: int, points=None) -> torch.Tensor:
     """patches (N, g*g, C) of a row-major g x g grid, boxes_xyxy (N, 4) -> (N, L*L, C): the patch map read
     bilinearly (RoIAlign-style) at the centres of each box's L x L cells, row-major; points past the outer patch
-    centres read the border patches. `steps` (L,): other points along each side (`layout_steps`)."""
+    centres read the border patches. `points` (4, L*L*2): other points in each box (`layout_points`)."""
     n, num_patches, channels = patches.shape
     grid = math.isqrt(num_patches)
     patch_map = patches.transpose(1, 2).reshape(n, channels, grid, grid)  # (N, C, g, g)
-    steps = layout_steps(layout, device=boxes_xyxy.device) if steps is None else steps
-    low = 2 * boxes_xyxy[:, None, :2] - 1  # (N, 1, 2) in grid_sample's [-1, 1] frame
-    points = low + (2 * boxes_xyxy[:, None, 2:] - 1 - low) * steps[:, None].to(low)  # (N, L, 2): (x, y) per step
-    xs, ys = points.unbind(-1)  # (N, L) each
-    grid_points = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (N, L, L, 2)
+    points = layout_points(layout, device=boxes_xyxy.device) if points is None else points
+    grid_points = (boxes_xyxy @ points.to(boxes_xyxy.dtype) - 1).view(n, layout, layout, 2)  # (N, L, L, 2): (x, y)
     sampled = nn.functional.grid_sample(
         patch_map, grid_points.to(patch_map.dtype), mode="bilinear", padding_mode="border", align_corners=False
     )  # (N, C, L, L)
@@ -190,9 +197,9 @@ class QueryBoxDecoder(nn.Module):
         self.extent[-1].zero_init = True  # a quarter of the image (or half of the room) on each side, no offset
         # constants of every decoded `<vis>`, built once (non-persistent: `_init_weights` fills them again after
         # from_pretrained materializes them uninitialized)
-        centres, steps = self.constants(grid_size, config.query_refine_layout)
+        centres, points = self.constants(grid_size, config.query_refine_layout)
         self.register_buffer("patch_centres", centres, persistent=False)
-        self.register_buffer("refine_steps", steps, persistent=False)
+        self.register_buffer("refine_points", points, persistent=False)
         # the second stage (`query_refine_layout` L > 0): the fused ViT patches under the first box (grown by a
         # quarter of its size on each side) move its centre and extent, in their logit space (zero init: unchanged)
         self.refine_layout = config.query_refine_layout
@@ -204,9 +211,9 @@ class QueryBoxDecoder(nn.Module):
 
     @staticmethod
     def constants(grid_size: int, refine_layout: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffers' values: the (P, 2) patch centres, and the (L,) points where the second stage reads along
-        each side of the first box (grown by `REFINE_GROWTH`)."""
-        return patch_centres(grid_size), layout_steps(refine_layout, grow=REFINE_GROWTH)
+        """The buffers' values: the (P, 2) patch centres, and the (4, L*L*2) `layout_points` where the second stage
+        reads the first box (grown by `REFINE_GROWTH`)."""
+        return patch_centres(grid_size), layout_points(refine_layout, grow=REFINE_GROWTH)
 
     def project_patches(self, patches):
         """(N, P, C) patches -> their (keys, values), each (N, P, d): generate() projects each sample's once and passes
@@ -245,7 +252,7 @@ class QueryBoxDecoder(nn.Module):
         spread_logits = out[:, :4]  # (N, 4)
         if self.refine_layout and vision_patches is not None and has_image is not None:
             first = box_around_centre_xyxy(centre, self._spread(spread_logits, centre)).detach()  # (N, 4)
-            samples = sample_box_layout(vision_patches.to(query.dtype), first, self.refine_layout, self.refine_steps)
+            samples = sample_box_layout(vision_patches.to(query.dtype), first, self.refine_layout, self.refine_points)
             features = torch.cat([query, self.refine_norm(samples).flatten(1)], dim=-1)  # (N, d + L*L*C)
             delta = self.refine(features).float().masked_fill(no_image, 0.0)  # (N, 6): none without an image
             # logit moves of the centre (x, y) and of the 4 extents; a row without an image has the centre 0.5, whose
@@ -315,6 +322,7 @@ __all__ = [
     "QueryBoxDecoder",
     "box_around_centre_xyxy",
     "build_box_decoder",
+    "layout_points",
     "layout_steps",
     "ordered_box_xyxy",
     "ordered_params_from_box_xyxy",

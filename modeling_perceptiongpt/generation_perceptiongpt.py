@@ -251,7 +251,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         if state.streamer is None or not rows:
             return
         samples = [state.sample_of(r, sequences.shape[0]) for r in rows]
-        records = [state.record(state.key(s, sequences[r])) for r, s in zip(rows, samples)]
+        keys = state.row_keys(sequences)[0]
+        records = [state.record(keys[r]) for r in rows]
         masks = [None] * len(rows)
         has_image, features = self._image_inputs(state, samples)
         if has_image is not None and has_image.any() and getattr(state.streamer, "stream_masks", True):
@@ -328,7 +329,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             sample = state.sample_of(r, rows)
             positions = (sequences[r] == self.config.vis_token_id).nonzero(as_tuple=True)[0]
             positions = positions[positions >= state.prompt_length]
-            per_row.append([state.record(state.key(sample, sequences[r, : p + 1])) for p in positions.tolist()])
+            per_row.append([state.record(key) for key in state.prefix_keys(sample, sequences[r], positions.tolist())])
             fields["vis_positions"].append(positions)
             empty = sequences.new_zeros((0, 4), dtype=torch.float32)
             fields["pred_boxes"].append(torch.stack([b for b, _, _ in per_row[-1]]) if per_row[-1] else empty)

@@ -23,6 +23,7 @@ class PerceptionGenerationState:
         self.projected_states = None  # (keys, values) of image_states, for a box head that reads them
         self.sample_inputs = None  # (has_image (B,), fused patches (B, g*g, C)) of each sample's image
         self.all_samples = list(range(batch_size))
+        self.keyed = (None, None)  # (sequences, their `row_keys`): a step's prepare and update key the same tensor
 
     def sample_of(self, row: int, num_rows: int) -> int:
         return row // max(num_rows // self.batch_size, 1)
@@ -44,12 +45,21 @@ class PerceptionGenerationState:
         """A row prefix (prompt + generated tokens) -> its key: the sample and the generated part."""
         return sample, prefix[self.prompt_length :].cpu().numpy().tobytes()
 
+    def prefix_keys(self, sample: int, sequence: torch.Tensor, ends: list[int]) -> list:
+        """The `key` of each prefix of one (T,) sequence that ends at a position of `ends`: one host copy."""
+        generated = sequence[self.prompt_length :].cpu().numpy()  # (T',)
+        return [(sample, generated[: end + 1 - self.prompt_length].tobytes()) for end in ends]
+
     def row_keys(self, sequences: torch.Tensor) -> tuple[list, list]:
-        """(R, T) sequences -> each row's `key`, and that of the row without its newest token: one host copy."""
+        """(R, T) sequences -> each row's `key`, and that of the row without its newest token: one host copy, once
+        per step (the sequences a step feeds are keyed before its forward and after it)."""
+        if self.keyed[0] is sequences:
+            return self.keyed[1]
         generated = sequences[:, self.prompt_length :].cpu().numpy()  # (R, T')
         samples = [self.sample_of(r, len(generated)) for r in range(len(generated))]
         keys = [(sample, row.tobytes()) for sample, row in zip(samples, generated)]
-        return keys, [(sample, row[:-1].tobytes()) for sample, row in zip(samples, generated)]
+        self.keyed = sequences, (keys, [(sample, row[:-1].tobytes()) for sample, row in zip(samples, generated)])
+        return self.keyed[1]
 
     def predicted(self, rows: list[int], vis_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden (N, D), P(<vis>) (N,)) that the latest forward gave `rows`, as new tensors: records outlive it."""

@@ -381,8 +381,10 @@ def test_query_decoder_constants_are_filled_again_by_from_pretrained(tmp_path):
     decoder = loaded.box_decoder
     torch.testing.assert_close(decoder.patch_centres[:5], torch.tensor([[1, 1], [3, 1], [5, 1], [7, 1], [1, 3]]) / 8)
     torch.testing.assert_close(decoder.patch_centres, patch_centres(4))  # the tiny preset's 4 x 4 grid
-    # 2 cells over the box grown by a quarter per side: -1/4 + 3/2 * (1/4, 3/4) of the box's side
-    torch.testing.assert_close(decoder.refine_steps, torch.tensor([0.125, 0.875]))
+    # 2 x 2 cells over the box grown by a quarter per side: -1/4 + 3/2 * (1/4, 3/4) = (1/8, 7/8) of the box's side,
+    # (-3/4, 3/4) in grid_sample's frame for the whole image; cells row-major, (x, y) each
+    points = (torch.tensor([[0.0, 0.0, 1.0, 1.0]]) @ decoder.refine_points - 1).view(4, 2)
+    torch.testing.assert_close(points, torch.tensor([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * 0.75)
     hidden, states = _inputs(3)
     has_image = torch.ones(3, dtype=torch.bool)
     with torch.no_grad():

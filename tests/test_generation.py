@@ -444,3 +444,20 @@ def test_a_head_that_reads_llm_image_states_continues_with_them():
     )
     assert torch.equal(second.sequences, full.sequences) and len(second.pred_boxes[0]) >= 1
     torch.testing.assert_close(second.pred_boxes[0], full.pred_boxes[0][len(first.pred_boxes[0]) :], rtol=0, atol=1e-6)
+
+
+def test_generation_state_keys_each_step_once_and_prefixes_as_rows():
+    """The sequences a step feeds are keyed before its forward and after it: one host copy for both. A prefix of a
+    returned row has the key of that row at the step that ended on it."""
+    from perceptiongpt.generation_state_perceptiongpt import PerceptionGenerationState
+
+    state = PerceptionGenerationState(batch_size=2, prompt_length=2)
+    sequences = torch.tensor([[1, 2, VIS, 7, VIS], [1, 2, 8, VIS, 9]])
+    keys, before = state.row_keys(sequences)
+    assert state.row_keys(sequences) is state.keyed[1]
+    assert state.row_keys(sequences)[0] is keys  # not recomputed
+    again = state.row_keys(sequences.clone())  # another step's tensor: keyed afresh, to the same keys
+    assert again[0] is not keys and again == (keys, before)
+    assert keys == [state.key(0, sequences[0]), state.key(1, sequences[1])]
+    assert before == [state.key(0, sequences[0, :-1]), state.key(1, sequences[1, :-1])]
+    assert state.prefix_keys(0, sequences[0], [2, 4]) == [state.key(0, sequences[0, :3]), keys[0]]
