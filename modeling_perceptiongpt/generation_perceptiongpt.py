@@ -231,7 +231,7 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
     def _decode_new_vis(self, state, input_ids):
         """Decodes every row whose newest token is `<vis>`, from the state that predicted it (also after the last
         step, whose `<vis>` is never fed back), and streams it. Returns those rows' (row, record key)."""
-        newest = input_ids[:, -1].cpu().numpy()  # (R,): one device-to-host copy, not one per row
+        newest = state.newest_tokens(input_ids)  # (R,): one device-to-host copy per step, not one per row
         rows = (newest == self.config.vis_token_id).nonzero()[0].tolist()
         if not rows:
             return []
@@ -315,9 +315,13 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         `<vis>`, NaN elsewhere; None when no newest token is one (the plain family forward, no region injection)."""
         if not newest_vis:
             return None
-        boxes = torch.full((input_ids.shape[0], 1, 4), float("nan"), device=input_ids.device)
-        decoded = torch.stack([state.record(key)[0] for _, key in newest_vis])  # (N, 4)
-        boxes[[r for r, _ in newest_vis], 0] = decoded.to(boxes)  # one write for all rows
+        decoded = torch.stack([state.record(key)[0] for _, key in newest_vis])  # (N, 4) float32
+        rows = [r for r, _ in newest_vis]
+        if len(rows) == input_ids.shape[0]:  # every row feeds a `<vis>` (rows in order): no NaN row
+            boxes = decoded[:, None]
+        else:
+            boxes = torch.full((input_ids.shape[0], 1, 4), float("nan"), device=input_ids.device)
+            boxes[rows, 0] = decoded  # one write for all rows
         setattr(boxes, DECODED_BY_GENERATE, True)  # our own boxes: the forward need not validate them
         return boxes
 

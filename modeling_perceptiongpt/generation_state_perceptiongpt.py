@@ -3,6 +3,7 @@
 Keys are (sample, the generated tokens as bytes): independent of beam reordering, padding and the prompt length.
 """
 
+import numpy as np
 import torch
 
 
@@ -23,7 +24,7 @@ class PerceptionGenerationState:
         self.projected_states = None  # (keys, values) of image_states, for a box head that reads them
         self.sample_inputs = None  # (has_image (B,), fused patches (B, g*g, C)) of each sample's image
         self.all_samples = list(range(batch_size))
-        self.keyed = (None, None)  # (sequences, their `row_keys`): a step's prepare and update key the same tensor
+        self.keyed = (None, None, None)  # (sequences, their generated tokens on the host, their `row_keys`)
 
     def sample_of(self, row: int, num_rows: int) -> int:
         return row // max(num_rows // self.batch_size, 1)
@@ -53,13 +54,19 @@ class PerceptionGenerationState:
     def row_keys(self, sequences: torch.Tensor) -> tuple[list, list]:
         """(R, T) sequences -> each row's `key`, and that of the row without its newest token: one host copy, once
         per step (the sequences a step feeds are keyed before its forward and after it)."""
-        if self.keyed[0] is sequences:
-            return self.keyed[1]
-        generated = sequences[:, self.prompt_length :].cpu().numpy()  # (R, T')
-        samples = [self.sample_of(r, len(generated)) for r in range(len(generated))]
-        keys = [(sample, row.tobytes()) for sample, row in zip(samples, generated)]
-        self.keyed = sequences, (keys, [(sample, row[:-1].tobytes()) for sample, row in zip(samples, generated)])
-        return self.keyed[1]
+        if self.keyed[0] is not sequences:
+            generated = sequences[:, self.prompt_length :].cpu().numpy()  # (R, T')
+            samples = [self.sample_of(r, len(generated)) for r in range(len(generated))]
+            keys = [(sample, row.tobytes()) for sample, row in zip(samples, generated)]
+            before = [(sample, row[:-1].tobytes()) for sample, row in zip(samples, generated)]
+            self.keyed = sequences, generated, (keys, before)
+        return self.keyed[2]
+
+    def newest_tokens(self, sequences: torch.Tensor) -> np.ndarray:
+        """(R, T) sequences -> (R,) each row's newest token on the host, from the copy `row_keys` makes."""
+        self.row_keys(sequences)
+        generated = self.keyed[1]  # (R, T')
+        return generated[:, -1] if generated.shape[1] else sequences[:, -1].cpu().numpy()
 
     def predicted(self, rows: list[int], vis_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden (N, D), P(<vis>) (N,)) that the latest forward gave `rows`, as new tensors: records outlive it."""

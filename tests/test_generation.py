@@ -454,8 +454,8 @@ def test_generation_state_keys_each_step_once_and_prefixes_as_rows():
     state = PerceptionGenerationState(batch_size=2, prompt_length=2)
     sequences = torch.tensor([[1, 2, VIS, 7, VIS], [1, 2, 8, VIS, 9]])
     keys, before = state.row_keys(sequences)
-    assert state.row_keys(sequences) is state.keyed[1]
     assert state.row_keys(sequences)[0] is keys  # not recomputed
+    assert state.newest_tokens(sequences).tolist() == [VIS, 9] and state.row_keys(sequences)[0] is keys
     again = state.row_keys(sequences.clone())  # another step's tensor: keyed afresh, to the same keys
     assert again[0] is not keys and again == (keys, before)
     assert keys == [state.key(0, sequences[0]), state.key(1, sequences[1])]
