@@ -4,14 +4,8 @@ A scene is 2-6 coloured shapes painted in order on a noise, gradient or stripes 
 earlier ones. Every object's mask is its VISIBLE part and its box the exact pixel xyxy box of that mask (a pixel
 (i, j) covers [j, j + 1] x [i, i + 1]), so boxes and masks always agree. Positions (`cx`, `cy`) are visible-box centres.
 
-A referring expression is a `_Query` (attributes plus at most one of: a rank along x / y / size, or a relation to
-a uniquely described anchor). `_resolve` evaluates it against every object of the scene and refuses ambiguity
-(objects closer than the margin); an expression is kept only if it resolves to exactly its target, and, above the
-attribute level, only if its attributes alone would not. Levels:
-- attribute: "the small red circle";
-- position (superlatives and absolute position): "the leftmost circle", "the biggest shape", "the square at the top";
-- relation: "the circle left of the blue square";
-- ordinal: "the second circle from the left".
+Referring expressions (attribute, position, relation and ordinal levels, never ambiguous) come from
+`synthetic_expressions`.
 
 Rows follow DESIGN.md ("Data"): rec/res/reg get one `<vis>`, multi one per matching object in reading order
 (box x1, then y1), caption one per object. Masks (RLE) are given for res only; rec, reg and multi supervise
@@ -27,6 +21,15 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from .synthetic_expressions import (
+    ATTRIBUTE_KINDS,
+    MAX_QUERIES,
+    ORDINALS,
+    find_expression,
+    matching,
+    noun_phrase,
+    random_attrs,
+)
 from .templates import build_task_messages
 
 
@@ -68,22 +71,9 @@ SYNTHETIC_FEATURES = datasets.Features(
     }
 )
 
-_ATTRIBUTE_KINDS = ("size", "colour", "shape")  # also the word order of a noun phrase
-_RELATIONS = ("left of", "right of", "above", "below")
-_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
-_SUPERLATIVES = {  # (axis, descending) -> templates around the noun phrase
-    ("x", False): ("the leftmost {}", "the {} on the far left"),
-    ("x", True): ("the rightmost {}", "the {} on the far right"),
-    ("y", False): ("the topmost {}", "the {} at the top"),
-    ("y", True): ("the lowest {}", "the {} at the bottom"),
-    ("size", False): ("the smallest {}",),
-    ("size", True): ("the biggest {}", "the largest {}"),
-}
-_ORDINAL_SIDES = {("x", False): "left", ("x", True): "right", ("y", False): "top", ("y", True): "bottom"}
 _NOISE_AMPLITUDE = 6  # per-pixel noise on the whole image, far below the gap between palette colours
 _MAX_PLACEMENTS = 20  # tries to place one object before dropping it
 _MAX_SCENES = 50  # fresh scenes per sample before the config is declared infeasible
-_MAX_QUERIES = 30  # expressions tried per scene
 
 
 @dataclass(frozen=True)
@@ -120,9 +110,9 @@ class SyntheticConfig:
                 raise ValueError(f"`{name}` must be a non-empty subset of {allowed}, got {values!r}")
         if self.image_size < 16:
             raise ValueError(f"`image_size` must be >= 16, got {self.image_size}")
-        if not 1 <= self.min_objects <= self.max_objects <= len(_ORDINALS):
+        if not 1 <= self.min_objects <= self.max_objects <= len(ORDINALS):
             raise ValueError(
-                f"`min_objects` and `max_objects` must satisfy 1 <= min <= max <= {len(_ORDINALS)}, "
+                f"`min_objects` and `max_objects` must satisfy 1 <= min <= max <= {len(ORDINALS)}, "
                 f"got {self.min_objects} and {self.max_objects}"
             )
         if not self.sizes or any(not 0 < low <= high < 0.5 for _, low, high in self.sizes):
@@ -169,124 +159,6 @@ class _Object:
     @property
     def centre(self):
         return (self.box_xyxy[0] + self.box_xyxy[2]) / 2, (self.box_xyxy[1] + self.box_xyxy[3]) / 2
-
-
-@dataclass(frozen=True)
-class _Query:
-    attrs: tuple = ()  # ((kind, value), ...) in _ATTRIBUTE_KINDS order
-    rank_axis: str = ""  # "x", "y" or "size": the k-th candidate along that axis
-    descending: bool = False  # rank from the right / bottom / biggest
-    k: int = 0
-    relation: str = ""  # one of _RELATIONS
-    anchor: tuple = ()  # the anchor's attrs; it must resolve to one object
-
-
-def _rank_value(obj, axis):
-    return math.log(obj.radius) if axis == "size" else obj.centre[0 if axis == "x" else 1]
-
-
-def _relation_distance(obj, anchor, relation):
-    """Positive when `obj` is `relation` the anchor (e.g. left of), in pixels between visible-box centres."""
-    (x, y), (anchor_x, anchor_y) = obj.centre, anchor.centre
-    return {"left of": anchor_x - x, "right of": x - anchor_x, "above": anchor_y - y, "below": y - anchor_y}[relation]
-
-
-def _matching(objects, attrs):
-    return [o for o in objects if all(getattr(o, kind) == value for kind, value in attrs)]
-
-
-def _resolve(query, objects, position_margin_px, size_margin):
-    """Indices of the objects `query` refers to, or None when the scene makes it ambiguous."""
-    candidates = _matching(objects, query.attrs)
-    if query.relation:
-        anchors = _matching(objects, query.anchor)
-        if len(anchors) != 1:
-            return None
-        anchor = anchors[0]
-        distances = [(_relation_distance(o, anchor, query.relation), o) for o in candidates if o is not anchor]
-        if any(abs(d) < position_margin_px for d, _ in distances):
-            return None
-        candidates = [o for d, o in distances if d > 0]
-    if query.rank_axis:
-        margin = math.log(size_margin) if query.rank_axis == "size" else position_margin_px
-        ordered = sorted(candidates, key=lambda o: _rank_value(o, query.rank_axis), reverse=query.descending)
-        if len(ordered) < query.k:
-            return []
-        target_value = _rank_value(ordered[query.k - 1], query.rank_axis)
-        if any(
-            abs(_rank_value(o, query.rank_axis) - target_value) < margin
-            for i, o in enumerate(ordered)
-            if i != query.k - 1
-        ):
-            return None
-        candidates = [ordered[query.k - 1]]
-    return [o.index for o in candidates]
-
-
-def _noun_phrase(attrs, plural=False, article="the"):
-    values = dict(attrs)
-    noun = values.get("shape", "shape")
-    if plural:
-        noun += "es" if noun.endswith("s") else "s"
-    return " ".join([article, *[values[k] for k in _ATTRIBUTE_KINDS[:2] if k in values], noun]).strip()
-
-
-def _render(query, rng):
-    phrase = _noun_phrase(query.attrs, article="")
-    if query.relation:
-        return f"the {phrase} {query.relation} {_noun_phrase(query.anchor)}"
-    if query.rank_axis and query.k == 1:
-        templates = _SUPERLATIVES[(query.rank_axis, query.descending)]
-        return templates[rng.integers(len(templates))].format(phrase)
-    if query.rank_axis:
-        side = _ORDINAL_SIDES[(query.rank_axis, query.descending)]
-        return f"the {_ORDINALS[query.k - 1]} {phrase} from the {side}"
-    return f"the {phrase}"
-
-
-def _random_attrs(obj, rng, nonempty, exclude=()):
-    kinds = [k for k in _ATTRIBUTE_KINDS if k not in exclude and rng.random() < 0.5]
-    if nonempty and not kinds:
-        kinds = [rng.choice([k for k in _ATTRIBUTE_KINDS if k not in exclude])]
-    return tuple((k, getattr(obj, k)) for k in _ATTRIBUTE_KINDS if k in kinds)
-
-
-def _propose(level, target, objects, rng, config):
-    """A random candidate expression of `level` for `target`; None when the level does not apply."""
-    if level == "attribute":
-        return _Query(_random_attrs(target, rng, nonempty=True))
-    if level == "position":
-        axis = ("x", "y", "size")[rng.integers(3)]
-        exclude = ("size",) if axis == "size" else ()
-        return _Query(
-            _random_attrs(target, rng, False, exclude), rank_axis=axis, descending=bool(rng.integers(2)), k=1
-        )
-    if level == "ordinal":
-        attrs, axis, descending = _random_attrs(target, rng, False), ("x", "y")[rng.integers(2)], bool(rng.integers(2))
-        ordered = sorted(_matching(objects, attrs), key=lambda o: _rank_value(o, axis), reverse=descending)
-        k = ordered.index(target) + 1
-        return _Query(attrs, rank_axis=axis, descending=descending, k=k) if k > 1 else None  # k = 1: position
-    anchor = objects[rng.integers(len(objects))]
-    margin = config.position_margin * config.image_size
-    relations = [r for r in _RELATIONS if _relation_distance(target, anchor, r) >= margin]
-    if anchor is target or not relations:
-        return None
-    relation = relations[rng.integers(len(relations))]
-    return _Query(_random_attrs(target, rng, False), relation=relation, anchor=_random_attrs(anchor, rng, True))
-
-
-def _find_expression(level, objects, rng, config):
-    """(target, text) for a uniquely resolving expression of `level`, or None after _MAX_QUERIES tries."""
-    margins = (config.position_margin * config.image_size, config.size_margin)
-    for _ in range(_MAX_QUERIES):
-        target = objects[rng.integers(len(objects))]
-        query = _propose(level, target, objects, rng, config)
-        if query is None or _resolve(query, objects, *margins) != [target.index]:
-            continue
-        if level != "attribute" and len(_matching(objects, query.attrs)) == 1:
-            continue  # the rank or relation must be needed
-        return target, _render(query, rng)
-    return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -388,27 +260,27 @@ def _make_row(task, level, scene, rng, config):
     template_seed = int(rng.integers(2**31))
     if task == "reg":  # the prompt region (box or mask) -> the target's full description
         target = objects[rng.integers(len(objects))]
-        description = _noun_phrase([(k, getattr(target, k)) for k in _ATTRIBUTE_KINDS])
+        description = noun_phrase([(k, getattr(target, k)) for k in ATTRIBUTE_KINDS])
         messages = build_task_messages("reg", description, seed=template_seed, vary_answer=config.vary_answer)
         mask = _mask_rle(owner == target.index) if rng.random() < config.reg_mask_fraction else None
         return messages, [target.box_xyxy], [mask], [_region(owner, o) for o in objects if o is not target]
     if task == "caption":
         ordered = _reading_order(objects)
-        phrases = [_noun_phrase([(k, getattr(o, k)) for k in _ATTRIBUTE_KINDS], article="a") for o in ordered]
+        phrases = [noun_phrase([(k, getattr(o, k)) for k in ATTRIBUTE_KINDS], article="a") for o in ordered]
         messages = build_task_messages("caption", phrases, seed=template_seed, vary_answer=config.vary_answer)
         return messages, [o.box_xyxy for o in ordered], [None] * len(ordered), []
     if task == "multi":
-        for _ in range(_MAX_QUERIES):
-            attrs = _random_attrs(objects[rng.integers(len(objects))], rng, nonempty=False)
-            matches = _reading_order(_matching(objects, attrs))
+        for _ in range(MAX_QUERIES):
+            attrs = random_attrs(objects[rng.integers(len(objects))], rng, nonempty=False)
+            matches = _reading_order(matching(objects, attrs))
             if len(matches) >= 2:
-                expression = _noun_phrase(attrs, plural=True, article="")
+                expression = noun_phrase(attrs, plural=True, article="")
                 messages = build_task_messages(
                     "multi", expression, n_objects=len(matches), seed=template_seed, vary_answer=config.vary_answer
                 )
                 return messages, [o.box_xyxy for o in matches], [None] * len(matches), []
         return None
-    found = _find_expression(level, objects, rng, config)
+    found = find_expression(level, objects, rng, config)
     if found is None:
         return None
     target, expression = found

@@ -14,12 +14,11 @@ from perceptiongpt.processing.synthetic import (
     _draw_scene,
     _make_row,
     _Object,
-    _Query,
-    _resolve,
     build_synthetic_dataset,
     build_synthetic_splits,
     generate_synthetic_samples,
 )
+from perceptiongpt.processing.synthetic_expressions import Query, resolve
 
 
 VIS = "<vis>"
@@ -103,7 +102,7 @@ def _object(index, cx, cy=30.0, radius=5.0, shape="circle", colour="red", size="
 
 
 def _ids(query, objects):
-    return _resolve(query, objects, position_margin_px=5.0, size_margin=1.3)
+    return resolve(query, objects, position_margin_px=5.0, size_margin=1.3)
 
 
 RED = (("colour", "red"),)
@@ -112,35 +111,35 @@ BLUE_SQUARE = (("colour", "blue"), ("shape", "square"))
 
 def test_resolve_attributes_and_position_superlatives():
     objects = [_object(0, 10), _object(1, 40), _object(2, 25, shape="square", colour="blue")]
-    assert _ids(_Query(RED), objects) == [0, 1]
-    assert _ids(_Query(BLUE_SQUARE), objects) == [2]
-    assert _ids(_Query(RED, rank_axis="x", k=1), objects) == [0]
-    assert _ids(_Query(RED, rank_axis="x", descending=True, k=1), objects) == [1]
+    assert _ids(Query(RED), objects) == [0, 1]
+    assert _ids(Query(BLUE_SQUARE), objects) == [2]
+    assert _ids(Query(RED, rank_axis="x", k=1), objects) == [0]
+    assert _ids(Query(RED, rank_axis="x", descending=True, k=1), objects) == [1]
     close = [_object(0, 10), _object(1, 13)]  # 3 px apart: "leftmost" would be a guess
-    assert _ids(_Query(RED, rank_axis="x", k=1), close) is None
+    assert _ids(Query(RED, rank_axis="x", k=1), close) is None
     sized = [_object(0, 10, radius=4.0), _object(1, 40, radius=8.0)]
-    assert _ids(_Query((), rank_axis="size", descending=True, k=1), sized) == [1]
-    assert _ids(_Query((), rank_axis="size", k=1), [_object(0, 10, radius=5.0), _object(1, 40, radius=6.0)]) is None
+    assert _ids(Query((), rank_axis="size", descending=True, k=1), sized) == [1]
+    assert _ids(Query((), rank_axis="size", k=1), [_object(0, 10, radius=5.0), _object(1, 40, radius=6.0)]) is None
 
 
 def test_resolve_ordinals():
     objects = [_object(0, 50), _object(1, 10), _object(2, 30), _object(3, 13, colour="blue")]
-    assert _ids(_Query(RED, rank_axis="x", k=2), objects) == [2]
-    assert _ids(_Query(RED, rank_axis="x", descending=True, k=3), objects) == [1]
-    assert _ids(_Query(RED, rank_axis="x", k=4), objects) == []
-    assert _ids(_Query((), rank_axis="x", k=3), objects) == [2]
-    assert _ids(_Query((), rank_axis="x", k=2), objects) is None  # the blue one is 3 px from the first
+    assert _ids(Query(RED, rank_axis="x", k=2), objects) == [2]
+    assert _ids(Query(RED, rank_axis="x", descending=True, k=3), objects) == [1]
+    assert _ids(Query(RED, rank_axis="x", k=4), objects) == []
+    assert _ids(Query((), rank_axis="x", k=3), objects) == [2]
+    assert _ids(Query((), rank_axis="x", k=2), objects) is None  # the blue one is 3 px from the first
 
 
 def test_resolve_relations():
     square = _object(2, 30, shape="square", colour="blue")
-    assert _ids(_Query(RED, relation="left of", anchor=BLUE_SQUARE), [_object(0, 10), _object(1, 50), square]) == [0]
-    assert _ids(_Query(RED, relation="right of", anchor=BLUE_SQUARE), [_object(0, 10), _object(1, 50), square]) == [1]
-    assert _ids(_Query(RED, relation="above", anchor=BLUE_SQUARE), [_object(0, 10, cy=10), square]) == [0]
+    assert _ids(Query(RED, relation="left of", anchor=BLUE_SQUARE), [_object(0, 10), _object(1, 50), square]) == [0]
+    assert _ids(Query(RED, relation="right of", anchor=BLUE_SQUARE), [_object(0, 10), _object(1, 50), square]) == [1]
+    assert _ids(Query(RED, relation="above", anchor=BLUE_SQUARE), [_object(0, 10, cy=10), square]) == [0]
     # A candidate within the margin of the anchor makes "left of" ambiguous.
-    assert _ids(_Query(RED, relation="left of", anchor=BLUE_SQUARE), [_object(0, 10), _object(1, 28), square]) is None
+    assert _ids(Query(RED, relation="left of", anchor=BLUE_SQUARE), [_object(0, 10), _object(1, 28), square]) is None
     two_anchors = [_object(0, 10), _object(1, 60, shape="square", colour="blue"), square]
-    assert _ids(_Query(RED, relation="left of", anchor=BLUE_SQUARE), two_anchors) is None
+    assert _ids(Query(RED, relation="left of", anchor=BLUE_SQUARE), two_anchors) is None
 
 
 _WORDS = {"size": ("small", "large"), "colour": tuple(COLOURS), "shape": ("circle", "square", "triangle")}
