@@ -176,6 +176,16 @@ def timed(model, inputs, new_tokens, processors):
     return elapsed, cpu, out
 
 
+def parse_arguments(doc, repeats, threads):
+    """The command line this benchmark and generate_overhead_breakdown.py share, with their own defaults."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="the VLM family")
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved runs per workload and batch size")
+    parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
+    return parser.parse_args()
+
+
 def paired_median(runs, native_runs):
     """The median over repeats of each run's time over that of the native run of the same repeat."""
     return statistics.median(run / native for run, native in zip(runs, native_runs))
@@ -220,12 +230,7 @@ def records_footprint(model, config, prompt_extra, new_tokens, beams=4):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="the VLM family")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per workload and batch size")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
-    args = parser.parse_args()
+    args = parse_arguments(__doc__, repeats=5, threads=2)
     torch.set_num_threads(args.threads)
     model, native, config = build_models(args.family)
     force_vis = LogitsProcessorList([ForceToken(config.vis_token_id)])

@@ -12,7 +12,6 @@ step runs them), which costs more than the same call repeated in isolation.
 Writes benchmarks/results/generate_overhead_breakdown.json (LLaVA) or generate_overhead_breakdown_<family>.json.
 """
 
-import argparse
 import functools
 import json
 import statistics
@@ -20,7 +19,7 @@ import time
 from collections import defaultdict
 
 import torch
-from generate_overhead import FAMILIES, RESULTS, ForceToken, build_models, inputs_for, timed
+from generate_overhead import RESULTS, ForceToken, build_models, inputs_for, parse_arguments, timed
 from transformers import LogitsProcessorList
 
 
@@ -46,7 +45,8 @@ NATIVE = [
 
 
 def instrument(model, parts):
-    """Wraps each of `parts` (dotted paths from the model) on its instance with a timer; returns the dict the timers add to (seconds per label)."""
+    """Wraps each of `parts` (dotted paths from the model) on its instance with a timer; returns the dict the
+    timers add to (seconds per label)."""
     totals = defaultdict(float)
     for label, path in parts:
         *owners, name = path.split(".")
@@ -66,12 +66,7 @@ def instrument(model, parts):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="llava", choices=sorted(FAMILIES), help="the VLM family")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved runs per batch size")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run")
-    args = parser.parse_args()
+    args = parse_arguments(__doc__, repeats=9, threads=1)
     torch.set_num_threads(args.threads)
     model, native, config = build_models(args.family)
     force_vis = LogitsProcessorList([ForceToken(config.vis_token_id)])
@@ -100,14 +95,12 @@ def main():
                 for label, values in labels.items()
             }
         results["batches"][str(batch)] = row
-        print(
-            f"batch {batch}: native {native_ms:.0f} ms, <vis> every step {row['median_run_ms']['pgpt_vis_every_step']:.0f} ms"
-        )
+        vis_ms = row["median_run_ms"]["pgpt_vis_every_step"]
+        print(f"batch {batch}: native {native_ms:.0f} ms, <vis> every step {vis_ms:.0f} ms")
         for name in parts:
             for label, value in row[name].items():
-                print(
-                    f"  {name:20s} {label:38s} {value['ms_per_run']:7.1f} ms  {100 * value['share_of_native_run']:5.1f}%"
-                )
+                share = 100 * value["share_of_native_run"]
+                print(f"  {name:20s} {label:38s} {value['ms_per_run']:7.1f} ms  {share:5.1f}%")
     name = "generate_overhead_breakdown.json"
     name = name if args.family == "llava" else name.replace(".json", f"_{args.family}.json")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,11 @@ class PerceptionGenerationState:
 
     def key(self, sample: int, prefix: torch.Tensor):
         """A row prefix (prompt + generated tokens) -> its key: the sample and the generated part."""
-        return sample, prefix[self.prompt_length :].cpu().numpy().tobytes()
+        return self.prefix_keys(sample, prefix, [len(prefix) - 1])[0]
 
     def prefix_keys(self, sample: int, sequence: torch.Tensor, ends: list[int]) -> list:
-        """The `key` of each prefix of one (T,) sequence that ends at a position of `ends`: one host copy."""
+        """The `key` of each prefix of one (T,) sequence that ends at a position of `ends` (>= the prompt's last):
+        one host copy."""
         generated = sequence[self.prompt_length :].cpu().numpy()  # (T',)
         return [(sample, generated[: end + 1 - self.prompt_length].tobytes()) for end in ends]
 
