@@ -26,6 +26,8 @@ REFINE_GROWTH = 0.25
 # Offsets that make zero logits the centred half-size box (0.25, 0.25, 0.75, 0.75): u = 1/4, f = 2/3.
 _CENTRED_OFFSETS = (math.log(1 / 3), math.log(2), math.log(1 / 3), math.log(2))
 
+IMAGE_CORNERS_XYXY = (0.0, 0.0, 1.0, 1.0)
+
 
 def mlp(in_dim: int, hidden: int, out_dim: int, num_layers: int, dtype=None) -> nn.Sequential:
     dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
@@ -54,11 +56,12 @@ def ordered_params_from_box_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([x1, fraction(x1, x2), y1, fraction(y1, y2)], dim=-1)
 
 
-def box_around_centre_xyxy(centre: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+def box_around_centre_xyxy(centre: torch.Tensor, spread: torch.Tensor, corners=None) -> torch.Tensor:
     """A box that contains `centre` (N, 2) (x, y) in [0, 1]: `spread` (N, 4) in [0, 1] are the fractions of the room
-    to the left, top, right and bottom that it covers -> (N, 4) xyxy, ordered by construction."""
-    signed_room = torch.cat([-centre, 1 - centre], dim=-1)  # (N, 4): toward the left, top, right, bottom borders
-    return torch.cat([centre, centre], dim=-1) + spread * signed_room  # six ops: this runs at every decoded `<vis>`
+    to the left, top, right and bottom that it covers -> (N, 4) xyxy, ordered by construction. `corners`: the
+    image's (0, 0, 1, 1), given by a caller that keeps it (this runs at every decoded `<vis>`)."""
+    corners = centre.new_tensor(IMAGE_CORNERS_XYXY) if corners is None else corners  # (4,)
+    return torch.lerp(torch.cat([centre, centre], dim=-1), corners, spread)  # from the centre toward each border
 
 
 def patch_centres(grid: int, device=None) -> torch.Tensor:
@@ -197,9 +200,10 @@ class QueryBoxDecoder(nn.Module):
         self.extent[-1].zero_init = True  # a quarter of the image (or half of the room) on each side, no offset
         # constants of every decoded `<vis>`, built once (non-persistent: `_init_weights` fills them again after
         # from_pretrained materializes them uninitialized)
-        centres, points = self.constants(grid_size, config.query_refine_layout)
+        centres, points, corners = self.constants(grid_size, config.query_refine_layout)
         self.register_buffer("patch_centres", centres, persistent=False)
         self.register_buffer("refine_points", points, persistent=False)
+        self.register_buffer("corners", corners, persistent=False)
         # the second stage (`query_refine_layout` L > 0): the fused ViT patches under the first box (grown by a
         # quarter of its size on each side) move its centre and extent, in their logit space (zero init: unchanged)
         self.refine_layout = config.query_refine_layout
@@ -210,16 +214,18 @@ class QueryBoxDecoder(nn.Module):
             self.refine[-1].zero_init = True
 
     @staticmethod
-    def constants(grid_size: int, refine_layout: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffers' values: the (P, 2) patch centres, and the (4, L*L*2) `layout_points` where the second stage
-        reads the first box (grown by `REFINE_GROWTH`)."""
-        return patch_centres(grid_size), layout_points(refine_layout, grow=REFINE_GROWTH)
+    def constants(grid_size: int, refine_layout: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The buffers' values: the (P, 2) patch centres, the (4, L*L*2) `layout_points` where the second stage reads
+        the first box (grown by `REFINE_GROWTH`), and the image's (4,) corners for `box_around_centre_xyxy`."""
+        corners = torch.tensor(IMAGE_CORNERS_XYXY)
+        return patch_centres(grid_size), layout_points(refine_layout, grow=REFINE_GROWTH), corners
 
     def project_patches(self, patches):
-        """(N, P, C) patches -> their (keys, values), each (N, P, d): generate() projects each sample's once and passes
-        the pair as `image_features`, instead of projecting them again for every decoded `<vis>`."""
+        """(N, P, C) patches -> their (keys, values), each (N, P, d), the keys scaled by 1/sqrt(d) for the dot-product
+        attention: generate() projects each sample's once and passes the pair as `image_features`, instead of
+        projecting them again for every decoded `<vis>`."""
         patches = patches.to(self.key.weight.dtype)
-        return self.key(patches), self.value(patches)
+        return self.key(patches) / math.sqrt(self.key.out_features), self.value(patches)
 
     def forward(
         self, hidden, image_features=None, has_image=None, mask_logits=None, vision_patches=None
@@ -238,12 +244,13 @@ class QueryBoxDecoder(nn.Module):
             keys, values = (
                 image_features if isinstance(image_features, tuple) else self.project_patches(image_features)
             )
-            scores = (keys.to(query.dtype) @ query[:, :, None])[..., 0].float() / math.sqrt(query.shape[-1])  # (N, P)
+            # in place where a tensor is new and its producer's backward does not read it (fewer copies per step)
+            scores = torch.bmm(keys.to(query.dtype), query[:, :, None])[..., 0].float()  # (N, P)
             attention = scores.softmax(-1)  # (N, P)
-            patch_logits = scores.masked_fill(no_image, 0.0)
-            centre = (attention @ self.patch_centres).masked_fill(no_image, 0.5)  # (N, 2); the image centre without
-            attended = (attention[:, None].to(values.dtype) @ values.to(query.dtype))[:, 0]  # (N, d)
-            attended = attended.masked_fill(no_image, 0.0)
+            patch_logits = scores.masked_fill_(no_image, 0.0)
+            centre = torch.mm(attention, self.patch_centres).masked_fill_(no_image, 0.5)  # (N, 2); else the image's
+            attended = torch.bmm(attention[:, None].to(values.dtype), values.to(query.dtype))[:, 0]  # (N, d)
+            attended = attended.masked_fill_(no_image, 0.0)
         features = [query, attended, centre] if self.half_size else [query, attended]
         out = self.extent(torch.cat(features, dim=-1)).float()  # (N, 4) or (N, 6)
         if self.centre_offset and has_image is not None:  # up to one patch; rows without an image keep the centre
@@ -251,15 +258,15 @@ class QueryBoxDecoder(nn.Module):
             centre = torch.where(has_image[:, None], moved, centre)
         spread_logits = out[:, :4]  # (N, 4)
         if self.refine_layout and vision_patches is not None and has_image is not None:
-            first = box_around_centre_xyxy(centre, self._spread(spread_logits, centre)).detach()  # (N, 4)
+            first = box_around_centre_xyxy(centre, self._spread(spread_logits, centre), self.corners).detach()
             samples = sample_box_layout(vision_patches.to(query.dtype), first, self.refine_layout, self.refine_points)
             features = torch.cat([query, self.refine_norm(samples).flatten(1)], dim=-1)  # (N, d + L*L*C)
-            delta = self.refine(features).float().masked_fill(no_image, 0.0)  # (N, 6): none without an image
+            delta = self.refine(features).float().masked_fill_(no_image, 0.0)  # (N, 6): none without an image
             # logit moves of the centre (x, y) and of the 4 extents; a row without an image has the centre 0.5, whose
             # logit is 0: it keeps its first box exactly
             centre = (centre.logit(eps=1e-6) + delta[:, :2]).sigmoid()  # (N, 2); inside (0, 1) but for an offset
             spread_logits = spread_logits + delta[:, 2:]
-        boxes = box_around_centre_xyxy(centre, self._spread(spread_logits, centre))  # (N, 4)
+        boxes = box_around_centre_xyxy(centre, self._spread(spread_logits, centre), self.corners)  # (N, 4)
         return BoxPrediction(boxes, patch_logits=patch_logits)
 
     def _spread(self, logits, centre):

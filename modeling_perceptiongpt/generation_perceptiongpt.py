@@ -72,7 +72,15 @@ def _slots_from(regions: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
 
 class SuppressModalityTokens(SuppressTokensLogitsProcessor):
     """Its own type: generate() drops a custom processor's default twin, so a plain `SuppressTokensLogitsProcessor`
-    would silently replace the caller's `suppress_tokens`."""
+    would silently replace the caller's `suppress_tokens`. Its (V,) mask over the `vocab_size` logits is built once
+    per generate(), not at every step (one op per step instead of three)."""
+
+    def __init__(self, suppress_tokens, vocab_size: int, device="cpu"):
+        super().__init__(suppress_tokens, device=device)
+        self.mask = torch.isin(torch.arange(vocab_size, device=device), self.suppress_tokens)  # (V,)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores.masked_fill(self.mask.to(scores.device), -float("inf"))  # (R, V)
 
 
 def _given_image_states(image_states, batch_size):
@@ -133,7 +141,8 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": images}
         processors = LogitsProcessorList(logits_processor or [])
         # never sample a modality placeholder: its features would be missing, or found by embedding (LLaVA)
-        processors.append(SuppressModalityTokens(self.config.suppressed_token_ids, device=self.device))
+        vocab_size = self.get_output_embeddings().weight.shape[0]  # the logits' width
+        processors.append(SuppressModalityTokens(self.config.suppressed_token_ids, vocab_size, device=self.device))
         out = super().generate(
             inputs=inputs,
             generation_config=generation_config,
@@ -285,8 +294,9 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
             else:  # no mask work at all
                 boxes = self.decode_boxes(hidden, features, has_image, image_states).boxes  # (N, 4)
         boxes = boxes.clone()  # a normal tensor: the records leave generate() (outputs, streamer)
-        for i, (key, _, _) in enumerate(todo):  # views of these (N, ...) tensors, never of a forward's outputs
-            state.records[key] = (boxes[i], hidden[i], scores[i])
+        # views of these (N, ...) tensors, never of a forward's outputs; one unbind each, not one index op per row
+        for (key, _, _), record in zip(todo, zip(boxes.unbind(), hidden.unbind(), scores.unbind())):
+            state.records[key] = record
 
     def _image_inputs(self, state, samples):
         """(has_image (N,) bool, fused patches (N, g*g, C)) of each sample's image, or (None, None) without images."""

@@ -34,12 +34,13 @@ def perception_module_names(config) -> list[str]:
 
 
 def box_coverage(boxes_xyxy: torch.Tensor, grid: int) -> torch.Tensor:
-    """(..., 4) normalized xyxy -> (..., grid * grid): the fraction of each cell of a grid x grid layout (row-major)
-    that the box covers. Elementwise, without branches: it traces inside a compiled decode step."""
-    edges = torch.linspace(0, 1, grid + 1, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype)  # (g+1,)
-    starts, ends = boxes_xyxy[..., :2, None], boxes_xyxy[..., 2:, None]  # (..., 2, 1): x then y
-    cover = (torch.minimum(ends, edges[1:]) - torch.maximum(starts, edges[:-1])).clamp(min=0)  # (..., 2, g)
-    cover = (cover * grid).clamp(max=1)  # per axis: the fraction of each row / column of cells covered
+    """(..., 4) normalized xyxy, ordered (x1 <= x2, y1 <= y2) -> (..., grid * grid): the fraction of each cell of a
+    grid x grid layout (row-major) that the box covers. Elementwise, without branches: it traces inside a compiled
+    decode step."""
+    cells = torch.arange(grid, device=boxes_xyxy.device, dtype=boxes_xyxy.dtype)  # (g,)
+    # how far each side of the box reaches into each row / column of cells, from 0 (before it) to 1 (past it)
+    reach = (boxes_xyxy[..., None] * grid - cells).clamp(0, 1)  # (..., 4, g)
+    cover = reach[..., 2:, :] - reach[..., :2, :]  # (..., 2, g): per axis, the covered fraction of each row / column
     return (cover[..., 1, :, None] * cover[..., 0, None, :]).flatten(-2)  # (y, x) row-major
 
 

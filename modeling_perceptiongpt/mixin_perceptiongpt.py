@@ -84,9 +84,10 @@ class PerceptionGPTMixin(PerceptionGPTGenerationMixin):
             encoding = module.position_encoding  # (d, g, g)
             init.copy_(encoding, sine_position_encoding_2d(encoding.shape[0], module.grid_size, module.grid_size))
         elif isinstance(module, QueryBoxDecoder):  # its non-persistent buffers, as the mask decoder's
-            centres, points = module.constants(module.grid_size, module.refine_layout)
+            centres, points, corners = module.constants(module.grid_size, module.refine_layout)
             init.copy_(module.patch_centres, centres)
             init.copy_(module.refine_points, points)
+            init.copy_(module.corners, corners)
         else:
             super()._init_weights(module)
 

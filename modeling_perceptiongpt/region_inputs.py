@@ -82,7 +82,7 @@ def embed_boxes_branch_free(box_encoder, input_ids, inputs_embeds, vis_boxes, vi
         if boxes.shape[1] != 1 or input_ids.shape[1] != 1:  # else a decode step: its token, its one slot
             slots = vis_slot_index(input_ids, vis_token_id).clamp(0, vis_boxes.shape[1] - 1)  # (B, T)
             boxes = boxes.gather(1, slots[..., None].expand(-1, -1, 4))  # (B, T, 4)
-        valid = is_vis & torch.isfinite(boxes).all(-1)  # (B, T)
+        valid = is_vis & (boxes == boxes).all(-1)  # (B, T): no NaN (checked boxes are NaN or finite)
         region = box_encoder(boxes.nan_to_num(0.0).to(inputs_embeds.dtype)).to(inputs_embeds)  # (B, T, D)
     if mode == "add":
         region = region + inputs_embeds

@@ -221,7 +221,14 @@ def test_box_coverage_and_the_raster_box_encoder():
     expected[0, 0, :2] = 1.0  # the top half-row: two whole cells
     expected[1, 0, 0] = 0.4 * 0.4  # 0.1 of the first 0.25-wide cell, on each axis
     torch.testing.assert_close(coverage, expected)
+    # any ordered box, degenerate ones and edges on cell borders included: the overlap area over the cell area
     torch.manual_seed(0)
+    corners = torch.cat([torch.rand(64, 2, 2).sort(1).values, torch.tensor([[[0.25, 0.5], [0.25, 0.75]]])])
+    boxes = corners.transpose(1, 2).flatten(1)[:, [0, 2, 1, 3]].double()  # (65, 4) xyxy
+    edges = torch.linspace(0, 1, 5, dtype=torch.float64)
+    overlap = (torch.minimum(boxes[:, 2:, None], edges[1:]) - torch.maximum(boxes[:, :2, None], edges[:-1])).clamp(0)
+    expected = (overlap[:, 1, :, None] * overlap[:, 0, None, :] * 16).flatten(1)  # (65, 4 * 4): y rows, x columns
+    torch.testing.assert_close(box_coverage(boxes, 4), expected)
     raster = BoxEncoder(BoxHeadConfig(hidden_size=16, num_layers=2, encoder_type="raster", encoder_grid=4), 8)
     plain = BoxEncoder(BoxHeadConfig(hidden_size=16, num_layers=2, encoder_type="mlp"), 8)
     plain.load_state_dict({k: v for k, v in raster.state_dict().items() if k.startswith("mlp.")})
@@ -372,8 +379,9 @@ def test_query_refinement_starts_as_the_first_box_and_reads_the_patches_under_it
 
 
 def test_query_decoder_constants_are_filled_again_by_from_pretrained(tmp_path):
-    """The patch centres and the refinement's sampling steps are non-persistent buffers, which from_pretrained
-    materializes uninitialized: `_init_weights` fills them again, so the loaded model decodes the same boxes."""
+    """The patch centres, the refinement's sampling points and the image corners are non-persistent buffers, which
+    from_pretrained materializes uninitialized: `_init_weights` fills them again, so the loaded model decodes the same
+    boxes."""
     torch.manual_seed(0)
     model = _model("query-refine").eval()
     model.save_pretrained(tmp_path)
@@ -385,6 +393,7 @@ def test_query_decoder_constants_are_filled_again_by_from_pretrained(tmp_path):
     # (-3/4, 3/4) in grid_sample's frame for the whole image; cells row-major, (x, y) each
     points = (torch.tensor([[0.0, 0.0, 1.0, 1.0]]) @ decoder.refine_points - 1).view(4, 2)
     torch.testing.assert_close(points, torch.tensor([[-1, -1], [1, -1], [-1, 1], [1, 1]]) * 0.75)
+    assert decoder.corners.tolist() == [0.0, 0.0, 1.0, 1.0]  # the image's xyxy corners, where boxes grow toward
     hidden, states = _inputs(3)
     has_image = torch.ones(3, dtype=torch.bool)
     with torch.no_grad():

@@ -461,3 +461,24 @@ def test_generation_state_keys_each_step_once_and_prefixes_as_rows():
     assert keys == [state.key(0, sequences[0]), state.key(1, sequences[1])]
     assert before == [state.key(0, sequences[0, :-1]), state.key(1, sequences[1, :-1])]
     assert state.prefix_keys(0, sequences[0], [2, 4]) == [state.key(0, sequences[0, :3]), keys[0]]
+
+
+def test_modality_suppression_masks_the_scores_only(tiny_model):
+    """generate() never samples an image placeholder: the processed scores hold -inf there, as transformers' own
+    `SuppressTokensLogitsProcessor` gives, while the raw logits (`output_logits`) keep their values (the processor
+    works on a copy, with its mask built once per generate())."""
+    from transformers import SuppressTokensLogitsProcessor
+
+    from perceptiongpt.generation_perceptiongpt import SuppressModalityTokens
+
+    suppressed = tiny_model.config.suppressed_token_ids
+    vocab_size = tiny_model.get_output_embeddings().weight.shape[0]
+    scores = torch.randn(3, vocab_size)
+    kept = scores.clone()
+    processed = SuppressModalityTokens(suppressed, vocab_size)(None, scores)
+    assert torch.equal(processed, SuppressTokensLogitsProcessor(suppressed)(None, kept))
+    assert torch.equal(scores, kept) and processed[:, suppressed].eq(-float("inf")).all()
+    ids, attention, pixels, boxes = _prompt()
+    out = _generate(tiny_model, ids, attention, pixels, boxes, output_scores=True, output_logits=True)
+    for raw, final in zip(out.logits, out.scores):
+        assert torch.isfinite(raw).all() and final[:, suppressed].eq(-float("inf")).all()

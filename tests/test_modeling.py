@@ -262,20 +262,31 @@ def test_mask_decoder_with_image_index_adapts_each_image_once_and_gives_the_same
 
 def test_channels_last_upsampler_equals_the_convolutions_it_replaces():
     """`UpsampleConvTranspose` / `HypernetworkProjection` hold nn.ConvTranspose2d / nn.Conv2d parameters (checkpoints
-    load unchanged) and compute what those convolutions (and the hypernetwork's dot product) compute."""
-    from perceptiongpt.mask_decoder_perceptiongpt import HypernetworkProjection, UpsampleConvTranspose
+    load unchanged) and, chained twice and put in raster order once at the end (`blocks_to_raster`), compute what
+    those convolutions (and the hypernetwork's dot product) compute."""
+    from perceptiongpt.mask_decoder_perceptiongpt import (
+        HypernetworkProjection,
+        UpsampleConvTranspose,
+        blocks_to_raster,
+    )
 
     torch.manual_seed(0)
-    upsample, reference = UpsampleConvTranspose(6, 4), torch.nn.ConvTranspose2d(6, 4, kernel_size=2, stride=2)
-    reference.load_state_dict(upsample.state_dict())
-    maps = torch.randn(3, 6, 5, 7)  # (N, C, H, W): non-square, so a swapped axis shows
-    expected = reference(maps).permute(0, 2, 3, 1)  # (N, 2H, 2W, C')
-    torch.testing.assert_close(upsample(maps.permute(0, 2, 3, 1).contiguous()), expected)
-    projection, conv = HypernetworkProjection(4, 5), torch.nn.Conv2d(4, 5, kernel_size=1)
+    first, first_conv = UpsampleConvTranspose(6, 4), torch.nn.ConvTranspose2d(6, 4, kernel_size=2, stride=2)
+    second, second_conv = UpsampleConvTranspose(4, 3), torch.nn.ConvTranspose2d(4, 3, kernel_size=2, stride=2)
+    first_conv.load_state_dict(first.state_dict())
+    second_conv.load_state_dict(second.state_dict())
+    maps = torch.randn(2, 6, 5, 7)  # (N, C, H, W): non-square, so a swapped axis shows
+    once = first(maps.permute(0, 2, 3, 1).contiguous())  # (N, H, W, 2, 2, 4): per-pixel blocks
+    assert once.shape == (2, 5, 7, 2, 2, 4)
+    expected = first_conv(maps)  # (N, C', 2H, 2W)
+    torch.testing.assert_close(blocks_to_raster(once.movedim(-1, 1).flatten(0, 1)).unflatten(0, (2, 4)), expected)
+    twice = second(torch.nn.functional.gelu(once))  # per pixel: no raster order needed in between
+    expected = second_conv(torch.nn.functional.gelu(expected))  # (N, 3, 4H, 4W)
+    projection, conv = HypernetworkProjection(3, 5), torch.nn.Conv2d(3, 5, kernel_size=1)
     conv.load_state_dict(projection.state_dict())
-    weights = torch.randn(3, 5)
-    expected = torch.einsum("nu,nuhw->nhw", weights, conv(expected.permute(0, 3, 1, 2)))
-    torch.testing.assert_close(projection(upsample(maps.permute(0, 2, 3, 1)), weights), expected)
+    weights = torch.randn(2, 5)
+    expected = torch.einsum("nu,nuhw->nhw", weights, conv(expected))  # (N, 4H, 4W)
+    torch.testing.assert_close(blocks_to_raster(projection(twice, weights)), expected)
 
 
 def test_mask_decoder_in_chunks_equals_one_pass_and_returns_a_normal_tensor(tiny_model, monkeypatch):
