@@ -316,8 +316,12 @@ class PerceptionGPTGenerationMixin(GenerationMixin):
         if prompt_boxes is not None:
             boxes[:, : prompt_boxes.shape[1]] = prompt_boxes.to(boxes)
         slot = is_vis.long().cumsum(-1) - 1  # (R, T)
+        ends = [[] for _ in range(rows)]  # each row's generated `<vis>` positions
         for r, t in state.generated_vis(input_ids, self.config.vis_token_id).nonzero().tolist():
-            boxes[r, slot[r, t]] = state.record(state.key(state.sample_of(r, rows), input_ids[r, : t + 1]))[0]
+            ends[r].append(t)
+        for r in (r for r in range(rows) if ends[r]):  # keyed with one host copy per row, not one per `<vis>`
+            for t, key in zip(ends[r], state.prefix_keys(state.sample_of(r, rows), input_ids[r], ends[r])):
+                boxes[r, slot[r, t]] = state.record(key)[0]
         return boxes
 
     def _boxes_for_newest_token(self, state, input_ids, newest_vis):
