@@ -20,9 +20,10 @@ from .region_inputs import heads_inference_mode
 
 
 # Inference decodes many masks in chunks whose upscaled maps fit this many bytes: buffers the allocator reuses between
-# chunks, where one pass over all of them page-faults fresh memory for every intermediate map (512 demo-sized masks:
-# ~17k page faults and ~30% slower on CPU; benchmarks/generate_overhead.py).
-INFERENCE_CHUNK_BYTES = 4 * 2**20
+# chunks, where one pass over all of them page-faults fresh memory for every intermediate map. At 4 MiB, glibc still
+# returned each chunk's freed maps to the system between chunks: 512 demo-sized masks at batch 8 of
+# benchmarks/generate_overhead.py took ~12k page faults and 68 ms, against ~250 faults and 55 ms at 2 MiB (1 MiB: 60 ms).
+INFERENCE_CHUNK_BYTES = 2 * 2**20
 
 
 def sine_position_encoding_2d(dim: int, height: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
