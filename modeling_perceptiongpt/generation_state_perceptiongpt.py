@@ -42,18 +42,14 @@ class PerceptionGenerationState:
         generated[:, : self.prompt_length] = False
         return generated
 
-    def key(self, sample: int, prefix: torch.Tensor):
-        """A row prefix (prompt + generated tokens) -> its key: the sample and the generated part."""
-        return self.prefix_keys(sample, prefix, [len(prefix) - 1])[0]
-
     def prefix_keys(self, sample: int, sequence: torch.Tensor, ends: list[int]) -> list:
-        """The `key` of each prefix of one (T,) sequence that ends at a position of `ends` (>= the prompt's last):
-        one host copy."""
+        """The key (sample, generated tokens as bytes) of each prefix of one (T,) sequence that ends at a position of
+        `ends` (>= the prompt's last): one host copy."""
         generated = sequence[self.prompt_length :].cpu().numpy()  # (T',)
         return [(sample, generated[: end + 1 - self.prompt_length].tobytes()) for end in ends]
 
     def row_keys(self, sequences: torch.Tensor) -> tuple[list, list]:
-        """(R, T) sequences -> each row's `key`, and that of the row without its newest token: one host copy, once
+        """(R, T) sequences -> each row's key, and that of the row without its newest token: one host copy, once
         per step (the sequences a step feeds are keyed before its forward and after it)."""
         if self.keyed[0] is not sequences:
             generated = sequences[:, self.prompt_length :].cpu().numpy()  # (R, T')

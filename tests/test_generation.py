@@ -453,14 +453,18 @@ def test_generation_state_keys_each_step_once_and_prefixes_as_rows():
 
     state = PerceptionGenerationState(batch_size=2, prompt_length=2)
     sequences = torch.tensor([[1, 2, VIS, 7, VIS], [1, 2, 8, VIS, 9]])
+
+    def key(sample, prefix):  # the key format: the sample and the tokens after the 2-token prompt
+        return sample, prefix[2:].numpy().tobytes()
+
     keys, before = state.row_keys(sequences)
     assert state.row_keys(sequences)[0] is keys  # not recomputed
     assert state.newest_tokens(sequences).tolist() == [VIS, 9] and state.row_keys(sequences)[0] is keys
     again = state.row_keys(sequences.clone())  # another step's tensor: keyed afresh, to the same keys
     assert again[0] is not keys and again == (keys, before)
-    assert keys == [state.key(0, sequences[0]), state.key(1, sequences[1])]
-    assert before == [state.key(0, sequences[0, :-1]), state.key(1, sequences[1, :-1])]
-    assert state.prefix_keys(0, sequences[0], [2, 4]) == [state.key(0, sequences[0, :3]), keys[0]]
+    assert keys == [key(0, sequences[0]), key(1, sequences[1])]
+    assert before == [key(0, sequences[0, :-1]), key(1, sequences[1, :-1])]
+    assert state.prefix_keys(0, sequences[0], [2, 4]) == [key(0, sequences[0, :3]), keys[0]]
 
 
 def test_modality_suppression_masks_the_scores_only(tiny_model):
